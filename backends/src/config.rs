@@ -1,0 +1,207 @@
+//! The YAML configuration file: which backend this process serves and its named instances.
+//!
+//! One process serves one backend (one CSI driver name, one socket), because CSIDriver objects
+//! differ per backend (attachRequired, fsGroupPolicy) and a crash in one backend's mount helper
+//! must not take the others down. Several instances of that backend (NFS servers, base
+//! directories) can live in one file; StorageClass parameter `instance` picks one.
+//!
+//! ```yaml
+//! backend: nfs
+//! instances:
+//!   main:
+//!     server: 10.0.0.5
+//!     export: /export
+//!     baseDir: stowage
+//! ```
+//! Secrets never go here: they come in CSI requests.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase")]
+pub enum Config {
+    Local(Instances<LocalInstance>),
+    Nfs(Instances<NfsInstance>),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Instances<T> {
+    pub instances: BTreeMap<String, T>,
+}
+
+/// Ownership and size limit of new volume directories, common to the directory backends
+/// (serde's `flatten` cannot be combined with `deny_unknown_fields`, so each instance type
+/// repeats the fields and hands them over through [`DirSettings`]).
+#[derive(Debug, Clone, Default)]
+pub struct DirSettings {
+    pub dir_mode: Option<String>,
+    pub dir_uid: Option<u32>,
+    pub dir_gid: Option<u32>,
+    pub max_volume_bytes: u64,
+}
+
+impl DirSettings {
+    pub fn attrs(&self) -> Result<crate::fs::DirAttrs> {
+        let mode = match &self.dir_mode {
+            None => 0o777,
+            Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o7777)
+                .ok_or_else(|| Error::invalid("dirMode", format!("{m:?} is not an octal mode such as \"0775\"")))?,
+        };
+        Ok(crate::fs::DirAttrs { mode, uid: self.dir_uid, gid: self.dir_gid })
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalInstance {
+    /// Directory holding this instance's volumes (created if missing).
+    pub base_dir: PathBuf,
+    /// Offer raw block volumes (sparse image + loop device). Default true.
+    #[serde(default = "yes")]
+    pub block: bool,
+    /// Mode of new volume directories, octal text as in chmod ("0775"). Default 0777.
+    pub dir_mode: Option<String>,
+    pub dir_uid: Option<u32>,
+    pub dir_gid: Option<u32>,
+    /// Largest volume handed out, in bytes (0 or absent = no limit).
+    #[serde(default)]
+    pub max_volume_bytes: u64,
+}
+
+macro_rules! dir_settings {
+    ($t:ty) => {
+        impl $t {
+            pub fn dir_settings(&self) -> DirSettings {
+                DirSettings {
+                    dir_mode: self.dir_mode.clone(),
+                    dir_uid: self.dir_uid,
+                    dir_gid: self.dir_gid,
+                    max_volume_bytes: self.max_volume_bytes,
+                }
+            }
+        }
+    };
+}
+dir_settings!(LocalInstance);
+dir_settings!(NfsInstance);
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NfsInstance {
+    /// NFS server address (IP or name) as both controller and nodes reach it.
+    pub server: String,
+    /// Exported path (the pseudo path for NFSv4/ganesha), e.g. /export.
+    pub export: String,
+    /// Directory inside the export that holds the volumes; "" = the export root.
+    #[serde(default)]
+    pub base_dir: String,
+    /// NFS and MOUNT ports; absent = ask the server's portmapper.
+    pub nfs_port: Option<u16>,
+    pub mount_port: Option<u16>,
+    /// AUTH_SYS identity of the controller's NFS client (the owner of what it creates).
+    #[serde(default)]
+    pub uid: u32,
+    #[serde(default)]
+    pub gid: u32,
+    /// Connect from a port below 1024 (needs root); servers with `secure` exports demand it.
+    #[serde(default)]
+    pub privileged_port: bool,
+    /// Mount options nodes use unless the StorageClass gives mountOptions, e.g. [nfsvers=4.1].
+    #[serde(default)]
+    pub mount_options: Vec<String>,
+    /// Seconds before an NFS call from the controller is given up.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Mode of new volume directories, octal text as in chmod ("0775"). Default 0777.
+    pub dir_mode: Option<String>,
+    pub dir_uid: Option<u32>,
+    pub dir_gid: Option<u32>,
+    /// Largest volume handed out, in bytes (0 or absent = no limit).
+    #[serde(default)]
+    pub max_volume_bytes: u64,
+}
+
+fn default_timeout() -> u64 {
+    10
+}
+
+impl Config {
+    pub fn parse(text: &str) -> Result<Self> {
+        let cfg: Config = serde_saphyr::from_str(text).map_err(|e| Error::invalid("config", e))?;
+        let names: Vec<&String> = match &cfg {
+            Config::Local(i) => i.instances.keys().collect(),
+            Config::Nfs(i) => i.instances.keys().collect(),
+        };
+        if names.is_empty() {
+            return Err(Error::invalid("config", "instances: at least one instance is required"));
+        }
+        for n in names {
+            crate::volume_id::validate_instance_name(n)
+                .map_err(|_| Error::invalid("config", format!("instance name {n:?} must be 1-32 of [a-z0-9-_]")))?;
+        }
+        Ok(cfg)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
+        Self::parse(&text).map_err(|e| match e {
+            Error::InvalidArgument { reason, .. } => Error::invalid("config", format!("{}: {reason}", path.display())),
+            other => other,
+        })
+    }
+
+    pub fn driver_name(&self) -> &'static str {
+        match self {
+            Config::Local(_) => crate::local::DRIVER,
+            Config::Nfs(_) => "nfs.stowage.io",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_examples() {
+        let c = Config::parse("backend: local\ninstances:\n  default:\n    baseDir: /tmp/x\n    dirMode: \"0750\"\n").unwrap();
+        let Config::Local(l) = &c else { panic!("not local") };
+        assert_eq!(l.instances["default"].dir_settings().attrs().unwrap().mode, 0o750);
+        assert!(l.instances["default"].block);
+        let c = Config::parse(
+            "backend: nfs\ninstances:\n  main:\n    server: 127.0.0.1\n    export: /export\n    mountOptions: [nfsvers=4.1]\n",
+        )
+        .unwrap();
+        assert_eq!(c.driver_name(), "nfs.stowage.io");
+    }
+
+    #[test]
+    fn refuses_bad_config() {
+        for bad in [
+            "backend: zfs\ninstances: {}\n",
+            "backend: local\ninstances: {}\n",
+            "backend: local\ninstances:\n  default:\n    baseDir: /x\n    bogus: 1\n",
+            "backend: local\ninstances:\n  Bad_Name:\n    baseDir: /x\n",
+            "backend: nfs\ninstances:\n  a:\n    export: /e\n",
+        ] {
+            assert!(Config::parse(bad).is_err(), "{bad}");
+        }
+        let e = Config::parse("backend: local\ninstances:\n  d:\n    baseDir: /x\n    dirMode: \"999\"\n")
+            .unwrap()
+            .clone();
+        let Config::Local(l) = e else { panic!() };
+        assert!(l.instances["d"].dir_settings().attrs().is_err());
+    }
+}

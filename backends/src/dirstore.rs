@@ -1,0 +1,745 @@
+//! The controller of every directory-per-volume backend (local, NFS; GlusterFS reuses it):
+//! a volume is a directory under an instance's base, its metadata a JSON file beside it.
+//!
+//! Layout under the base:
+//! ```text
+//! <dir>/                          volume data (a name, or a template result such as ns-claim)
+//! .stowage/volumes/<key>.json     metadata: name, capacity, parameters, source (key = hash of <dir>)
+//! .stowage/snapshots/<snap>/      meta.json + data/ (copy-based snapshots)
+//! .stowage/tmp/                   volumes being built; renamed into place when complete
+//! .stowage/trash/                 volumes being deleted
+//! archived-<dir>-<time>/          onDelete: archive
+//! ```
+//! Crash safety: a volume exists when its metadata AND its directory exist. Metadata is written
+//! first, the directory is renamed into place last, so a controller killed at any point leaves
+//! either nothing visible or a complete volume; a retry cleans the rest.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::controller::{ControllerBackend, ControllerFeatures, Expanded};
+use crate::error::{Error, Result};
+use crate::fs::{DirAttrs, FileKind, Fs};
+use crate::locks::KeyLocks;
+use crate::params::{self, OnDelete};
+use crate::relpath::RelPath;
+use crate::types::{
+    AccessType, CapacityRange, Capability, ContentSource, CreateVolume, Page, Secrets, Snapshot, SnapshotFilter,
+    Volume,
+};
+use crate::volume_id::VolumeId;
+
+/// File a block volume keeps its data in (a sparse image attached as a loop device).
+pub const BLOCK_IMAGE: &str = "disk.img";
+/// Size given when a request names none: 1 GiB, like most drivers.
+pub const DEFAULT_CAPACITY: u64 = 1 << 30;
+
+const META_DIR: &str = ".stowage";
+
+/// Per-instance settings.
+#[derive(Debug, Clone)]
+pub struct DirOptions {
+    /// Mode, owner and group of new volume directories.
+    pub attrs: DirAttrs,
+    /// Raw block volumes (a sparse image file per volume) are offered.
+    pub block: bool,
+    /// Largest volume this instance hands out (0 = no limit).
+    pub max_volume_bytes: u64,
+}
+
+impl Default for DirOptions {
+    fn default() -> Self {
+        DirOptions { attrs: DirAttrs::default(), block: false, max_volume_bytes: 0 }
+    }
+}
+
+/// Builds the volume context (volumeAttributes) a node needs to reach a volume's directory.
+pub type ContextFn = Arc<dyn Fn(&RelPath) -> BTreeMap<String, String> + Send + Sync>;
+
+/// One configured instance: a filesystem tree and how to describe its volumes to nodes.
+pub struct Instance<F: Fs> {
+    pub name: String,
+    pub fs: F,
+    pub options: DirOptions,
+    pub context: ContextFn,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct VolumeMeta {
+    name: String,
+    path: String,
+    capacity: u64,
+    block: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source_snapshot: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source_volume: Option<String>,
+    #[serde(default)]
+    parameters: BTreeMap<String, String>,
+    created: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct SnapshotMeta {
+    name: String,
+    source_volume_id: String,
+    size: u64,
+    block: bool,
+    created: u64,
+}
+
+/// The generic directory-per-volume controller over any [`Fs`].
+pub struct DirBackend<F: Fs> {
+    driver: &'static str,
+    instances: BTreeMap<String, Instance<F>>,
+    locks: KeyLocks,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn hash_hex(s: &str, len: usize) -> String {
+    let mut h = hex::encode(Sha256::digest(s.as_bytes()));
+    h.truncate(len);
+    h
+}
+
+fn rel(s: &str) -> Result<RelPath> {
+    RelPath::parse("path", s)
+}
+
+/// Maps a CSI name (any UTF-8 up to 128 bytes) to a directory name: the name itself when it
+/// is a safe, short component, else a stable hash of it.
+pub fn dir_name_for(name: &str, prefix: &str) -> String {
+    let safe = !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('.')
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if safe { name.to_owned() } else { format!("{prefix}-{}", hash_hex(name, 32)) }
+}
+
+impl<F: Fs> DirBackend<F> {
+    pub fn new(driver: &'static str, instances: Vec<Instance<F>>) -> Result<Self> {
+        if instances.is_empty() {
+            return Err(Error::invalid("instances", "at least one backend instance must be configured"));
+        }
+        let mut map = BTreeMap::new();
+        for i in instances {
+            crate::volume_id::validate_instance_name(&i.name)?;
+            map.insert(i.name.clone(), i);
+        }
+        Ok(DirBackend { driver, instances: map, locks: KeyLocks::default() })
+    }
+
+    pub fn instance(&self, name: &str) -> Result<&Instance<F>> {
+        self.instances.get(name).ok_or_else(|| Error::not_found("backend instance", name))
+    }
+
+    /// The instance a CreateVolume or GetCapacity names, or the only/default one.
+    fn choose_instance(&self, parameters: &BTreeMap<String, String>) -> Result<&Instance<F>> {
+        if let Some(name) = parameters.get(params::INSTANCE) {
+            return self.instances.get(name).ok_or_else(|| {
+                Error::invalid("parameters.instance", format!("{name:?} is not configured (have: {})", self.instance_names()))
+            });
+        }
+        if self.instances.len() == 1 {
+            return Ok(self.instances.values().next().expect("one instance"));
+        }
+        self.instances.get("default").ok_or_else(|| {
+            Error::invalid("parameters.instance", format!("required: several instances are configured ({})", self.instance_names()))
+        })
+    }
+
+    fn instance_names(&self) -> String {
+        self.instances.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+
+    fn meta_path(path: &RelPath) -> Result<RelPath> {
+        rel(&format!("{META_DIR}/volumes/{}.json", hash_hex(path.as_str(), 40)))
+    }
+
+    fn snap_dir(snap: &RelPath) -> Result<RelPath> {
+        rel(&format!("{META_DIR}/snapshots/{snap}"))
+    }
+
+    async fn ensure_dirs(fs: &F, path: &str) -> Result<()> {
+        let mut cur: Option<RelPath> = None;
+        for comp in path.split('/') {
+            let next = match &cur {
+                Some(c) => c.join(comp)?,
+                None => RelPath::component("path", comp)?,
+            };
+            fs.mkdir(&next, DirAttrs { mode: 0o755, uid: None, gid: None }).await?;
+            cur = Some(next);
+        }
+        Ok(())
+    }
+
+    async fn read_json<T: for<'de> Deserialize<'de>>(fs: &F, path: &RelPath) -> Result<Option<T>> {
+        match fs.read_file(path).await? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| Error::Internal(format!("corrupt metadata {path}: {e}"))),
+        }
+    }
+
+    async fn write_json<T: Serialize>(fs: &F, path: &RelPath, v: &T) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(v).map_err(|e| Error::Internal(e.to_string()))?;
+        fs.write_file_atomic(path, &bytes).await
+    }
+
+    /// Metadata of a complete volume (metadata and directory both present).
+    async fn load_volume(inst: &Instance<F>, path: &RelPath) -> Result<Option<VolumeMeta>> {
+        let Some(meta) = Self::read_json::<VolumeMeta>(&inst.fs, &Self::meta_path(path)?).await? else {
+            return Ok(None);
+        };
+        match inst.fs.stat(path).await? {
+            Some(st) if st.kind == FileKind::Dir => Ok(Some(meta)),
+            _ => Ok(None),
+        }
+    }
+
+    fn to_volume(inst: &Instance<F>, id: &VolumeId, meta: &VolumeMeta) -> Volume {
+        let mut context = (inst.context)(&id.path);
+        if meta.block {
+            context.insert("block".into(), "true".into());
+        }
+        Volume {
+            id: id.to_string(),
+            capacity_bytes: meta.capacity,
+            context,
+            source: match (&meta.source_snapshot, &meta.source_volume) {
+                (Some(s), _) => Some(ContentSource::Snapshot(s.clone())),
+                (None, Some(v)) => Some(ContentSource::Volume(v.clone())),
+                _ => None,
+            },
+            topology: Vec::new(),
+        }
+    }
+
+    fn parse_id<'a>(&'a self, field: &'static str, s: &str) -> Result<Option<(&'a Instance<F>, VolumeId)>> {
+        let id = VolumeId::parse(field, s)?;
+        // An ID of an instance no longer configured cannot be acted on, but for delete and get
+        // it is "not found", not a malformed request.
+        Ok(self.instances.get(&id.instance).map(|i| (i, id)))
+    }
+
+    fn wants_block(caps: &[Capability]) -> bool {
+        caps.iter().any(|c| c.is_block())
+    }
+
+    /// Builds the volume's tree in a temporary place, then renames it into `dest`.
+    async fn build_volume(&self, inst: &Instance<F>, dest: &RelPath, meta: &VolumeMeta, key: &str) -> Result<()> {
+        let fs = &inst.fs;
+        Self::ensure_dirs(fs, &format!("{META_DIR}/tmp")).await?;
+        // Leftovers of an earlier attempt at the same volume (controller killed mid-create).
+        let prefix = format!("{key}.");
+        for e in fs.read_dir(&rel(&format!("{META_DIR}/tmp"))?).await? {
+            if e.name.starts_with(&prefix) {
+                fs.remove_all(&rel(&format!("{META_DIR}/tmp/{}", e.name))?).await?;
+            }
+        }
+        let tmp = rel(&format!("{META_DIR}/tmp/{key}.{}", uuid::Uuid::new_v4().simple()))?;
+        let res = async {
+            if let Some(snap) = &meta.source_snapshot {
+                let sid = VolumeId::parse("volume_content_source.snapshot.snapshot_id", snap)?;
+                fs.copy_tree(&Self::snap_dir(&sid.path)?.join("data")?, &tmp).await?;
+            } else if let Some(src) = &meta.source_volume {
+                let vid = VolumeId::parse("volume_content_source.volume.volume_id", src)?;
+                fs.copy_tree(&vid.path, &tmp).await?;
+            } else {
+                fs.mkdir(&tmp, inst.options.attrs).await?;
+            }
+            fs.set_attrs(&tmp, inst.options.attrs).await?;
+            if meta.block {
+                let img = tmp.join(BLOCK_IMAGE)?;
+                if fs.stat(&img).await?.is_none() {
+                    fs.create_file(&img, 0o600).await?;
+                }
+                let size = fs.stat(&img).await?.map_or(0, |s| s.size);
+                if size < meta.capacity {
+                    fs.set_len(&img, meta.capacity).await?;
+                }
+            }
+            Self::write_json(fs, &Self::meta_path(dest)?, meta).await?;
+            if let Some(parent) = dest.parent() {
+                Self::ensure_dirs(fs, parent.as_str()).await?;
+            }
+            fs.rename(&tmp, dest).await
+        }
+        .await;
+        if res.is_err() {
+            let _ = fs.remove_all(&tmp).await;
+        }
+        res
+    }
+
+    /// Removes empty parent directories a template created (a/b/c → b, a), never the base.
+    async fn prune_parents(fs: &F, path: &RelPath) {
+        let mut cur = path.parent();
+        while let Some(p) = cur {
+            match fs.read_dir(&p).await {
+                Ok(entries) if entries.is_empty() => {
+                    if fs.remove_dir(&p).await.is_err() {
+                        return;
+                    }
+                }
+                _ => return,
+            }
+            cur = p.parent();
+        }
+    }
+
+    async fn find_snapshot(inst: &Instance<F>, snap: &RelPath) -> Result<Option<SnapshotMeta>> {
+        Self::read_json(&inst.fs, &Self::snap_dir(snap)?.join("meta.json")?).await
+    }
+
+    async fn all_volumes(&self) -> Result<Vec<(String, Volume)>> {
+        let mut out = Vec::new();
+        for inst in self.instances.values() {
+            let dir = rel(&format!("{META_DIR}/volumes"))?;
+            if inst.fs.stat(&dir).await?.is_none() {
+                continue;
+            }
+            for e in inst.fs.read_dir(&dir).await? {
+                if !e.name.ends_with(".json") {
+                    continue;
+                }
+                let Some(meta) = Self::read_json::<VolumeMeta>(&inst.fs, &dir.join(&e.name)?).await? else { continue };
+                let Ok(path) = RelPath::parse("path", &meta.path) else { continue };
+                if inst.fs.stat(&path).await?.is_none() {
+                    continue;
+                }
+                let id = VolumeId { instance: inst.name.clone(), path };
+                out.push((id.to_string(), Self::to_volume(inst, &id, &meta)));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    async fn all_snapshots(&self) -> Result<Vec<Snapshot>> {
+        let mut out = Vec::new();
+        for inst in self.instances.values() {
+            let dir = rel(&format!("{META_DIR}/snapshots"))?;
+            if inst.fs.stat(&dir).await?.is_none() {
+                continue;
+            }
+            for e in inst.fs.read_dir(&dir).await? {
+                let Ok(snap) = RelPath::component("snapshot", &e.name) else { continue };
+                if e.name.starts_with('.') {
+                    continue;
+                }
+                if let Some(meta) = Self::find_snapshot(inst, &snap).await? {
+                    let id = VolumeId { instance: inst.name.clone(), path: snap };
+                    out.push(snapshot_of(&id, &meta));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+}
+
+fn snapshot_of(id: &VolumeId, meta: &SnapshotMeta) -> Snapshot {
+    Snapshot {
+        id: id.to_string(),
+        source_volume_id: meta.source_volume_id.clone(),
+        size_bytes: meta.size,
+        created: UNIX_EPOCH + Duration::from_secs(meta.created),
+        ready: true,
+    }
+}
+
+/// Pages a sorted list by "the last ID returned" tokens: robust against items added or
+/// removed between pages. A token that is not an ID is refused (CSI: ABORTED).
+fn paginate<T: Clone>(items: &[(String, T)], start: Option<&str>, max: usize) -> Result<Page<T>> {
+    let begin = match start.filter(|s| !s.is_empty()) {
+        None => 0,
+        Some(tok) => {
+            VolumeId::parse("starting_token", tok).map_err(|_| Error::Aborted(format!("starting_token {tok:?} is not valid")))?;
+            items.partition_point(|(k, _)| k.as_str() <= tok)
+        }
+    };
+    let max = if max == 0 { usize::MAX } else { max };
+    let end = begin.saturating_add(max).min(items.len());
+    let page: Vec<T> = items[begin..end].iter().map(|(_, v)| v.clone()).collect();
+    let next_token = if end < items.len() { Some(items[end - 1].0.clone()) } else { None };
+    Ok(Page { items: page, next_token })
+}
+
+#[async_trait]
+impl<F: Fs> ControllerBackend for DirBackend<F> {
+    fn driver_name(&self) -> &'static str {
+        self.driver
+    }
+
+    fn features(&self) -> ControllerFeatures {
+        ControllerFeatures {
+            snapshots: true,
+            clone: true,
+            expand: true,
+            publish: false,
+            capacity: true,
+            single_node_multi_writer: true,
+        }
+    }
+
+    fn check_capabilities(&self, caps: &[Capability]) -> Result<()> {
+        let block_ok = self.instances.values().any(|i| i.options.block);
+        for c in caps {
+            match &c.access_type {
+                AccessType::Block if !block_ok => {
+                    return Err(Error::invalid(
+                        "volume_capabilities",
+                        format!("{} volumes are directories: raw block access is not supported", self.driver),
+                    ));
+                }
+                AccessType::Block if c.access_mode.is_multi_node() && !c.access_mode.is_read_only() => {
+                    return Err(Error::invalid(
+                        "volume_capabilities",
+                        "raw block volumes are image files on one node: multi-node writers are not supported",
+                    ));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_volume(&self, req: &CreateVolume) -> Result<Volume> {
+        let inst = self.choose_instance(&req.parameters)?;
+        let p = params::DirParams::parse(&req.parameters)?;
+        self.check_capabilities(&req.capabilities)?;
+        let block = Self::wants_block(&req.capabilities);
+        if block && !inst.options.block {
+            return Err(Error::invalid("volume_capabilities", format!("instance {} does not offer raw block volumes", inst.name)));
+        }
+        let dir = match &p.sub_dir {
+            Some(t) => params::expand_template(t, &req.parameters)?,
+            None => dir_name_for(&req.name, "vol"),
+        };
+        let path = RelPath::parse("parameters.subDir", &dir)?;
+        if path.components().any(|c| c.starts_with('.') || c.starts_with("archived-")) {
+            return Err(Error::invalid("parameters.subDir", format!("{dir:?}: names may not start with '.' or 'archived-'")));
+        }
+        let id = VolumeId::new(&inst.name, path.clone())
+            .map_err(|_| Error::invalid("name", "the volume's directory name makes an ID longer than 128 bytes"))?;
+
+        let capacity = req.capacity.choose(DEFAULT_CAPACITY);
+        if inst.options.max_volume_bytes > 0 && capacity > inst.options.max_volume_bytes {
+            return Err(Error::OutOfRange(format!(
+                "capacity_range: {capacity} bytes is more than this instance's limit of {} bytes",
+                inst.options.max_volume_bytes
+            )));
+        }
+        if !req.capacity.admits(capacity) {
+            return Err(Error::OutOfRange(format!("capacity_range {:?} cannot be satisfied", req.capacity)));
+        }
+
+        let (source_snapshot, source_volume) = match &req.source {
+            Some(ContentSource::Snapshot(s)) => (Some(s.clone()), None),
+            Some(ContentSource::Volume(v)) => (None, Some(v.clone())),
+            None => (None, None),
+        };
+
+        let key = hash_hex(path.as_str(), 40);
+        let _guard = self.locks.lock(&format!("{}/{}", inst.name, key)).await;
+
+        if let Some(existing) = Self::load_volume(inst, &path).await? {
+            if existing.name != req.name {
+                return Err(Error::AlreadyExists(format!(
+                    "directory {path} already holds volume {:?}; choose another name or subDir",
+                    existing.name
+                )));
+            }
+            if !req.capacity.admits(existing.capacity) {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {:?} exists with capacity {} bytes, incompatible with capacity_range {:?}",
+                    req.name, existing.capacity, req.capacity
+                )));
+            }
+            if existing.source_snapshot != source_snapshot || existing.source_volume != source_volume {
+                return Err(Error::AlreadyExists(format!("volume {:?} exists with a different content source", req.name)));
+            }
+            if existing.block != block {
+                return Err(Error::AlreadyExists(format!("volume {:?} exists with a different access type", req.name)));
+            }
+            return Ok(Self::to_volume(inst, &id, &existing));
+        }
+
+        // Sources must exist and fit.
+        if let Some(snap) = &source_snapshot {
+            let sid = VolumeId::parse("volume_content_source.snapshot.snapshot_id", snap)
+                .map_err(|_| Error::not_found("snapshot", snap))?;
+            let sinst = self.instance(&sid.instance).map_err(|_| Error::not_found("snapshot", snap))?;
+            if sid.instance != inst.name {
+                return Err(Error::invalid("volume_content_source", "snapshot is on another backend instance"));
+            }
+            let smeta = Self::find_snapshot(sinst, &sid.path).await?.ok_or_else(|| Error::not_found("snapshot", snap))?;
+            if capacity < smeta.size {
+                return Err(Error::OutOfRange(format!("capacity_range: {capacity} bytes is smaller than snapshot size {}", smeta.size)));
+            }
+            if smeta.block != block {
+                return Err(Error::invalid("volume_content_source", "snapshot access type (block or filesystem) differs from the request"));
+            }
+        }
+        if let Some(src) = &source_volume {
+            let vid = VolumeId::parse("volume_content_source.volume.volume_id", src).map_err(|_| Error::not_found("volume", src))?;
+            if vid.instance != inst.name {
+                return Err(Error::invalid("volume_content_source", "source volume is on another backend instance"));
+            }
+            let vmeta = Self::load_volume(inst, &vid.path).await?.ok_or_else(|| Error::not_found("source volume", src))?;
+            if capacity < vmeta.capacity {
+                return Err(Error::OutOfRange(format!("capacity_range: {capacity} bytes is smaller than the source volume's {}", vmeta.capacity)));
+            }
+            if vmeta.block != block {
+                return Err(Error::invalid("volume_content_source", "source volume access type (block or filesystem) differs from the request"));
+            }
+        }
+
+        let stored_params: BTreeMap<String, String> =
+            req.parameters.iter().filter(|(k, _)| params::is_stored(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let meta = VolumeMeta {
+            name: req.name.clone(),
+            path: path.to_string(),
+            capacity,
+            block,
+            source_snapshot,
+            source_volume,
+            parameters: stored_params,
+            created: now_secs(),
+        };
+        if inst.fs.stat(&path).await?.is_some() {
+            // A directory without our metadata: left by onDelete=retain or made by an admin.
+            // Adopting it is what users of subdir drivers expect when a claim comes back.
+            tracing::info!(volume = %id, "adopting existing directory");
+            Self::write_json(&inst.fs, &Self::meta_path(&path)?, &meta).await?;
+        } else {
+            self.build_volume(inst, &path, &meta, &key).await?;
+        }
+        Ok(Self::to_volume(inst, &id, &meta))
+    }
+
+    async fn delete_volume(&self, volume_id: &str, _secrets: &Secrets) -> Result<()> {
+        let Some((inst, id)) = self.parse_id("volume_id", volume_id)? else { return Ok(()) };
+        let key = hash_hex(id.path.as_str(), 40);
+        let _guard = self.locks.lock(&format!("{}/{}", inst.name, key)).await;
+        let fs = &inst.fs;
+        let meta_path = Self::meta_path(&id.path)?;
+        let Some(meta) = Self::read_json::<VolumeMeta>(fs, &meta_path).await? else {
+            // Never ours (or already deleted): leave whatever is there alone.
+            return Ok(());
+        };
+        let on_delete = params::DirParams::parse(&meta.parameters).map(|p| p.on_delete).unwrap_or_default();
+        if fs.stat(&id.path).await?.is_some() {
+            match on_delete {
+                OnDelete::Retain => {}
+                OnDelete::Archive => {
+                    let flat = id.path.as_str().replace('/', "_");
+                    let to = rel(&format!("archived-{flat}-{}", now_secs()))?;
+                    fs.rename(&id.path, &to).await?;
+                }
+                OnDelete::Delete => {
+                    Self::ensure_dirs(fs, &format!("{META_DIR}/trash")).await?;
+                    // Rename first: the volume disappears atomically, the slow removal follows.
+                    let trash = rel(&format!("{META_DIR}/trash/{key}.{}", uuid::Uuid::new_v4().simple()))?;
+                    fs.rename(&id.path, &trash).await?;
+                    fs.remove_all(&trash).await?;
+                }
+            }
+        }
+        fs.remove_file(&meta_path).await?;
+        if on_delete != OnDelete::Retain {
+            Self::prune_parents(fs, &id.path).await;
+        }
+        Ok(())
+    }
+
+    async fn get_volume(&self, volume_id: &str) -> Result<Volume> {
+        let Some((inst, id)) = self.parse_id("volume_id", volume_id)? else {
+            return Err(Error::not_found("volume", volume_id));
+        };
+        let meta = Self::load_volume(inst, &id.path).await?.ok_or_else(|| Error::not_found("volume", volume_id))?;
+        Ok(Self::to_volume(inst, &id, &meta))
+    }
+
+    async fn list_volumes(&self, start: Option<&str>, max: usize) -> Result<Page<Volume>> {
+        let all = self.all_volumes().await?;
+        paginate(&all, start, max)
+    }
+
+    async fn capacity(&self, parameters: &BTreeMap<String, String>) -> Result<u64> {
+        let inst = self.choose_instance(parameters)?;
+        let avail = inst.fs.fs_stats().await?.available_bytes;
+        Ok(match inst.options.max_volume_bytes {
+            0 => avail,
+            m => avail.min(m),
+        })
+    }
+
+    async fn expand_volume(&self, volume_id: &str, range: CapacityRange, _secrets: &Secrets) -> Result<Expanded> {
+        let Some((inst, id)) = self.parse_id("volume_id", volume_id)? else {
+            return Err(Error::not_found("volume", volume_id));
+        };
+        let key = hash_hex(id.path.as_str(), 40);
+        let _guard = self.locks.lock(&format!("{}/{}", inst.name, key)).await;
+        let mut meta = Self::load_volume(inst, &id.path).await?.ok_or_else(|| Error::not_found("volume", volume_id))?;
+        let want = range.choose(meta.capacity);
+        if inst.options.max_volume_bytes > 0 && want > inst.options.max_volume_bytes {
+            return Err(Error::OutOfRange(format!("capacity_range: {want} bytes is more than the limit of {}", inst.options.max_volume_bytes)));
+        }
+        if want > meta.capacity {
+            if meta.block {
+                inst.fs.set_len(&id.path.join(BLOCK_IMAGE)?, want).await?;
+            }
+            meta.capacity = want;
+            Self::write_json(&inst.fs, &Self::meta_path(&id.path)?, &meta).await?;
+        }
+        Ok(Expanded { capacity_bytes: meta.capacity, node_expansion_required: meta.block })
+    }
+
+    async fn create_snapshot(
+        &self,
+        name: &str,
+        source_volume_id: &str,
+        _parameters: &BTreeMap<String, String>,
+        _secrets: &Secrets,
+    ) -> Result<Snapshot> {
+        let (inst, vid) = self
+            .parse_id("source_volume_id", source_volume_id)?
+            .ok_or_else(|| Error::not_found("source volume", source_volume_id))?;
+        let snap = RelPath::component("name", &dir_name_for(name, "snap"))?;
+        let sid = VolumeId::new(&inst.name, snap.clone())?;
+        let _guard = self.locks.lock(&format!("snap:{sid}")).await;
+        if let Some(existing) = Self::find_snapshot(inst, &snap).await? {
+            if existing.name != name || existing.source_volume_id != source_volume_id {
+                return Err(Error::AlreadyExists(format!(
+                    "snapshot {name:?} already exists for volume {}",
+                    existing.source_volume_id
+                )));
+            }
+            return Ok(snapshot_of(&sid, &existing));
+        }
+        let vkey = hash_hex(vid.path.as_str(), 40);
+        // Hold the volume's lock so that no delete or expand interleaves with the copy.
+        let _vguard = self.locks.lock(&format!("{}/{}", inst.name, vkey)).await;
+        let vmeta = Self::load_volume(inst, &vid.path).await?.ok_or_else(|| Error::not_found("source volume", source_volume_id))?;
+        let fs = &inst.fs;
+        Self::ensure_dirs(fs, &format!("{META_DIR}/snapshots")).await?;
+        let tmp = rel(&format!("{META_DIR}/snapshots/.{snap}.tmp"))?;
+        fs.remove_all(&tmp).await?;
+        let meta = SnapshotMeta {
+            name: name.to_owned(),
+            source_volume_id: source_volume_id.to_owned(),
+            size: vmeta.capacity,
+            block: vmeta.block,
+            created: now_secs(),
+        };
+        let res = async {
+            fs.mkdir(&tmp, DirAttrs { mode: 0o700, uid: None, gid: None }).await?;
+            fs.copy_tree(&vid.path, &tmp.join("data")?).await?;
+            Self::write_json(fs, &tmp.join("meta.json")?, &meta).await?;
+            fs.rename(&tmp, &Self::snap_dir(&snap)?).await
+        }
+        .await;
+        if res.is_err() {
+            let _ = fs.remove_all(&tmp).await;
+        }
+        res?;
+        Ok(snapshot_of(&sid, &meta))
+    }
+
+    async fn delete_snapshot(&self, snapshot_id: &str, _secrets: &Secrets) -> Result<()> {
+        let Some((inst, sid)) = self.parse_id("snapshot_id", snapshot_id)? else { return Ok(()) };
+        if sid.path.components().count() != 1 {
+            return Ok(());
+        }
+        let _guard = self.locks.lock(&format!("snap:{sid}")).await;
+        let fs = &inst.fs;
+        let dir = Self::snap_dir(&sid.path)?;
+        if fs.stat(&dir).await?.is_none() {
+            return Ok(());
+        }
+        Self::ensure_dirs(fs, &format!("{META_DIR}/trash")).await?;
+        let trash = rel(&format!("{META_DIR}/trash/snap-{}.{}", hash_hex(sid.path.as_str(), 16), uuid::Uuid::new_v4().simple()))?;
+        fs.rename(&dir, &trash).await?;
+        fs.remove_all(&trash).await?;
+        Ok(())
+    }
+
+    async fn list_snapshots(&self, filter: &SnapshotFilter, start: Option<&str>, max: usize) -> Result<Page<Snapshot>> {
+        let all: Vec<(String, Snapshot)> = self
+            .all_snapshots()
+            .await?
+            .into_iter()
+            .filter(|s| filter.snapshot_id.as_deref().is_none_or(|id| s.id == id))
+            .filter(|s| filter.source_volume_id.as_deref().is_none_or(|v| s.source_volume_id == v))
+            .map(|s| (s.id.clone(), s))
+            .collect();
+        paginate(&all, start, max)
+    }
+
+    async fn recycle_volume(&self, volume_id: &str, _secrets: &Secrets) -> Result<()> {
+        let Some((inst, id)) = self.parse_id("volume_id", volume_id)? else {
+            return Err(Error::not_found("volume", volume_id));
+        };
+        let key = hash_hex(id.path.as_str(), 40);
+        let _guard = self.locks.lock(&format!("{}/{}", inst.name, key)).await;
+        let meta = Self::load_volume(inst, &id.path).await?.ok_or_else(|| Error::not_found("volume", volume_id))?;
+        let fs = &inst.fs;
+        if meta.block {
+            // A fresh sparse image of the same size: old blocks are gone, not just unlinked.
+            let img = id.path.join(BLOCK_IMAGE)?;
+            fs.remove_file(&img).await?;
+            fs.create_file(&img, 0o600).await?;
+            fs.set_len(&img, meta.capacity).await?;
+        } else {
+            fs.clear_dir(&id.path).await?;
+        }
+        fs.set_attrs(&id.path, inst.options.attrs).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dir_names_are_safe_and_stable() {
+        assert_eq!(dir_name_for("pvc-123", "vol"), "pvc-123");
+        let h = dir_name_for(&"x".repeat(128), "vol");
+        assert!(h.starts_with("vol-") && h.len() == 36);
+        assert_eq!(h, dir_name_for(&"x".repeat(128), "vol"));
+        assert!(dir_name_for("../etc", "vol").starts_with("vol-"));
+        assert!(dir_name_for(".hidden", "vol").starts_with("vol-"));
+        assert!(dir_name_for("a/b", "vol").starts_with("vol-"));
+    }
+
+    #[test]
+    fn pages_by_last_id() {
+        let items: Vec<(String, u32)> = (0..5).map(|i| (format!("i/v{i}"), i)).collect();
+        let p1 = paginate(&items, None, 2).unwrap();
+        assert_eq!(p1.items, vec![0, 1]);
+        let p2 = paginate(&items, p1.next_token.as_deref(), 2).unwrap();
+        assert_eq!(p2.items, vec![2, 3]);
+        let p3 = paginate(&items, p2.next_token.as_deref(), 2).unwrap();
+        assert_eq!(p3.items, vec![4]);
+        assert!(p3.next_token.is_none());
+        assert!(matches!(paginate(&items, Some("garbage"), 2), Err(Error::Aborted(_))));
+        // The last item of a page deleted before the next call: the token still works.
+        let fewer: Vec<_> = items.iter().filter(|(k, _)| k != "i/v1").cloned().collect();
+        assert_eq!(paginate(&fewer, p1.next_token.as_deref(), 2).unwrap().items, vec![2, 3]);
+    }
+}

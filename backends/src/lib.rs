@@ -1,0 +1,50 @@
+//! Stowage's storage backends behind two traits: [`ControllerBackend`] (create, delete,
+//! expand, snapshot, clone, list, capacity, recycle: no mounts) and [`NodeBackend`] (stage,
+//! publish, unpublish, unstage, stats, expand on the machine that runs the workload).
+//!
+//! Backends: [`local`] (directories and loop-attached images on the node; the embedded default)
+//! and [`nfs`] (subdirectories of an NFS export, reached from user space by the controller and
+//! mounted by the kernel on nodes). Both are directory-per-volume backends and share their
+//! controller, [`dirstore`], written against the small [`fs::Fs`] interface.
+//!
+//! The CSI services, the provisioner's Recycle RPC and the Docker plugin all drive backends
+//! through these traits, so no backend is implemented twice.
+
+pub mod command;
+pub mod config;
+pub mod controller;
+pub mod dirstore;
+pub mod error;
+pub mod fs;
+pub mod local;
+pub mod locks;
+pub mod mount;
+pub mod node;
+pub mod params;
+pub mod relpath;
+pub mod types;
+pub mod volume_id;
+
+use std::sync::Arc;
+
+pub use config::Config;
+pub use controller::{ControllerBackend, ControllerFeatures, Expanded};
+pub use error::{Error, Result};
+pub use node::{NodeBackend, NodeFeatures, PublishRequest, StageRequest};
+pub use types::*;
+
+/// The controller side of the backend a configuration names.
+pub async fn build_controller(config: &Config) -> Result<Arc<dyn ControllerBackend>> {
+    Ok(match config {
+        Config::Local(c) => Arc::new(local::controller(&c.instances).await?),
+        Config::Nfs(_) => return Err(Error::Unsupported("nfs".into())),
+    })
+}
+
+/// The node side of the backend a configuration names.
+pub fn build_node(config: &Config) -> Arc<dyn NodeBackend> {
+    match config {
+        Config::Local(c) => Arc::new(local::LocalNode::new(&c.instances)),
+        Config::Nfs(_) => unimplemented!(),
+    }
+}

@@ -1,0 +1,174 @@
+//! `local.stowage.io`: the embedded default. Volumes are directories under a base directory on
+//! the node itself (like hostPath, but with the whole CSI lifecycle), or sparse image files
+//! attached as loop devices for raw block volumes. Needs no server; controller and node must
+//! see the same base directory (same machine, or a shared mount).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::command::{self, SHORT_TIMEOUT};
+use crate::config::LocalInstance;
+use crate::dirstore::{BLOCK_IMAGE, DirBackend, DirOptions, Instance};
+use crate::error::{Error, Result};
+use crate::fs::local::LocalFs;
+use crate::mount::{self, Probe};
+use crate::node::{NodeBackend, NodeFeatures, StageRequest};
+use crate::volume_id::VolumeId;
+
+pub const DRIVER: &str = "local.stowage.io";
+/// Topology key: local volumes live on one node.
+pub const TOPOLOGY_KEY: &str = "topology.stowage.io/node";
+
+pub type LocalController = DirBackend<LocalFs>;
+
+pub async fn controller(instances: &BTreeMap<String, LocalInstance>) -> Result<LocalController> {
+    let mut out = Vec::new();
+    for (name, cfg) in instances {
+        tokio::fs::create_dir_all(&cfg.base_dir)
+            .await
+            .map_err(|e| Error::io(format!("creating baseDir {}", cfg.base_dir.display()), e))?;
+        let settings = cfg.dir_settings();
+        out.push(Instance {
+            name: name.clone(),
+            fs: LocalFs::new(&cfg.base_dir),
+            options: DirOptions { attrs: settings.attrs()?, block: cfg.block, max_volume_bytes: settings.max_volume_bytes },
+            context: Arc::new(|_| BTreeMap::new()),
+        });
+    }
+    DirBackend::new(DRIVER, out)
+}
+
+/// Node side: bind mounts for directories, loop devices for block images.
+pub struct LocalNode {
+    bases: BTreeMap<String, PathBuf>,
+}
+
+impl LocalNode {
+    pub fn new(instances: &BTreeMap<String, LocalInstance>) -> Self {
+        LocalNode { bases: instances.iter().map(|(k, v)| (k.clone(), v.base_dir.clone())).collect() }
+    }
+
+    fn volume_dir(&self, volume_id: &str) -> Result<PathBuf> {
+        let id = VolumeId::parse("volume_id", volume_id)?;
+        let base = self.bases.get(&id.instance).ok_or_else(|| Error::not_found("volume", volume_id))?;
+        Ok(base.join(id.path.as_str()))
+    }
+}
+
+/// The loop device backed by `file`, if one is attached (read from sysfs, no parsing of
+/// losetup's human output).
+async fn loop_device_for(file: &Path) -> Result<Option<PathBuf>> {
+    let want = tokio::fs::canonicalize(file).await.map_err(|e| Error::io(format!("resolving {}", file.display()), e))?;
+    let mut rd = match tokio::fs::read_dir("/sys/block").await {
+        Ok(rd) => rd,
+        Err(e) => return Err(Error::io("reading /sys/block", e)),
+    };
+    while let Ok(Some(e)) = rd.next_entry().await {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        if let Ok(backing) = tokio::fs::read_to_string(e.path().join("loop/backing_file")).await {
+            if Path::new(backing.trim_end()) == want {
+                return Ok(Some(PathBuf::from(format!("/dev/{name}"))));
+            }
+        }
+    }
+    Ok(None)
+}
+
+async fn attach_loop(file: &Path) -> Result<PathBuf> {
+    if let Some(dev) = loop_device_for(file).await? {
+        return Ok(dev);
+    }
+    let out = command::run("losetup", &["--find", "--show", "--", mount::path_str(file)?], SHORT_TIMEOUT).await?;
+    Ok(PathBuf::from(out.stdout.trim()))
+}
+
+#[async_trait]
+impl NodeBackend for LocalNode {
+    fn driver_name(&self) -> &'static str {
+        DRIVER
+    }
+
+    fn features(&self) -> NodeFeatures {
+        NodeFeatures { expand: true, single_node_multi_writer: true, volume_mount_group: false }
+    }
+
+    fn topology(&self, node_id: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([(TOPOLOGY_KEY.to_string(), node_id.to_string())])
+    }
+
+    async fn stage(&self, req: &StageRequest) -> Result<()> {
+        let dir = self.volume_dir(&req.volume_id)?;
+        if tokio::fs::metadata(&dir).await.is_err() {
+            return Err(Error::not_found("volume", &req.volume_id));
+        }
+        mount::ensure_dir(&req.staging_path).await?;
+        if req.capability.is_block() {
+            let img = dir.join(BLOCK_IMAGE);
+            if tokio::fs::metadata(&img).await.is_err() {
+                return Err(Error::FailedPrecondition(format!("volume {} is not a block volume", req.volume_id)));
+            }
+            let target = mount::staged_device(&req.staging_path);
+            if mount::mounted_at(&target).await?.is_some() {
+                return Ok(());
+            }
+            let dev = attach_loop(&img).await?;
+            mount::ensure_file(&target).await?;
+            return mount::bind(&dev, &target, false, &[]).await;
+        }
+        if tokio::fs::metadata(dir.join(BLOCK_IMAGE)).await.is_ok() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {} is a raw block volume; it cannot be staged as a filesystem",
+                req.volume_id
+            )));
+        }
+        if mount::mounted_at(&req.staging_path).await?.is_some() {
+            match mount::probe(&req.staging_path).await {
+                Probe::Alive => return Ok(()),
+                _ => mount::unmount(&req.staging_path).await?,
+            }
+        }
+        mount::bind(&dir, &req.staging_path, false, req.capability.mount_flags()).await
+    }
+
+    async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
+        let device = mount::staged_device(staging_path);
+        if tokio::fs::symlink_metadata(&device).await.is_ok() {
+            mount::unmount(&device).await?;
+            mount::remove_mount_point(&device).await?;
+            let img = self.volume_dir(volume_id)?.join(BLOCK_IMAGE);
+            if tokio::fs::metadata(&img).await.is_ok() {
+                if let Some(dev) = loop_device_for(&img).await? {
+                    command::run("losetup", &["-d", mount::path_str(&dev)?], SHORT_TIMEOUT).await?;
+                }
+            }
+        }
+        mount::unmount(staging_path).await
+    }
+
+    async fn expand(&self, volume_id: &str, _path: &Path, capacity_bytes: u64) -> Result<u64> {
+        let img = self.volume_dir(volume_id)?.join(BLOCK_IMAGE);
+        if tokio::fs::metadata(&img).await.is_err() {
+            // A directory volume has no filesystem of its own to grow.
+            return Ok(capacity_bytes);
+        }
+        let Some(dev) = loop_device_for(&img).await? else {
+            return Ok(capacity_bytes);
+        };
+        // The controller already grew the file; make the loop device see the new size.
+        command::run("losetup", &["-c", mount::path_str(&dev)?], SHORT_TIMEOUT).await?;
+        mount::block_device_size(&dev).await
+    }
+}
+
+impl std::fmt::Debug for LocalNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalNode").field("bases", &self.bases).finish()
+    }
+}
+

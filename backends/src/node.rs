@@ -1,0 +1,85 @@
+//! The node-side backend trait: attach and mount a volume on this machine.
+//!
+//! A backend implements staging (making the volume reachable at the staging path: a network
+//! mount, a FUSE mount, a bind of a local directory, a block device) and may override the
+//! rest; publish/unpublish default to the bind mounts every backend needs, and stats default
+//! to statvfs on the published path.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+use crate::error::Result;
+use crate::mount;
+use crate::types::{Capability, Secrets, VolumeStats};
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NodeFeatures {
+    pub expand: bool,
+    pub single_node_multi_writer: bool,
+    pub volume_mount_group: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct StageRequest {
+    pub volume_id: String,
+    pub staging_path: PathBuf,
+    pub capability: Capability,
+    pub context: BTreeMap<String, String>,
+    pub publish_context: BTreeMap<String, String>,
+    pub secrets: Secrets,
+}
+
+#[derive(Debug, Clone)]
+pub struct PublishRequest {
+    pub volume_id: String,
+    pub staging_path: PathBuf,
+    pub target_path: PathBuf,
+    pub capability: Capability,
+    pub readonly: bool,
+    pub context: BTreeMap<String, String>,
+}
+
+#[async_trait]
+pub trait NodeBackend: Send + Sync + 'static {
+    fn driver_name(&self) -> &'static str;
+
+    fn features(&self) -> NodeFeatures;
+
+    /// Topology segments this node offers (NodeGetInfo).
+    fn topology(&self, node_id: &str) -> BTreeMap<String, String> {
+        let _ = node_id;
+        BTreeMap::new()
+    }
+
+    /// Makes the volume available at `staging_path`. Must be idempotent: called again with
+    /// the same arguments after success it returns Ok without mounting twice.
+    async fn stage(&self, req: &StageRequest) -> Result<()>;
+
+    /// Undoes `stage`; Ok when nothing is staged.
+    async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()>;
+
+    /// Bind-mounts the staged volume at the target path (file for block, dir otherwise).
+    async fn publish(&self, req: &PublishRequest) -> Result<()> {
+        mount::publish_bind(req).await
+    }
+
+    async fn unpublish(&self, volume_id: &str, target_path: &Path) -> Result<()> {
+        let _ = volume_id;
+        mount::unpublish(target_path).await
+    }
+
+    /// Usage and health of a published or staged path.
+    async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats> {
+        let _ = volume_id;
+        mount::path_stats(path).await
+    }
+
+    /// Grows whatever the node holds (filesystem, loop device) to `capacity_bytes`; returns
+    /// the new size.
+    async fn expand(&self, volume_id: &str, path: &Path, capacity_bytes: u64) -> Result<u64> {
+        let _ = (volume_id, path);
+        Ok(capacity_bytes)
+    }
+}
