@@ -100,6 +100,9 @@ pub struct DirBackend<F: Fs> {
     driver: &'static str,
     instances: BTreeMap<String, Instance<F>>,
     locks: KeyLocks,
+    /// Per instance: the `.stowage` bookkeeping directories exist (made once, lazily, so a
+    /// server that is down at start does not keep the controller from starting).
+    layout: BTreeMap<String, tokio::sync::OnceCell<()>>,
 }
 
 fn now_secs() -> u64 {
@@ -137,7 +140,21 @@ impl<F: Fs> DirBackend<F> {
             crate::volume_id::validate_instance_name(&i.name)?;
             map.insert(i.name.clone(), i);
         }
-        Ok(DirBackend { driver, instances: map, locks: KeyLocks::default() })
+        let layout = map.keys().map(|k| (k.clone(), tokio::sync::OnceCell::new())).collect();
+        Ok(DirBackend { driver, instances: map, locks: KeyLocks::default(), layout })
+    }
+
+    /// Creates the bookkeeping directories of an instance once.
+    async fn prepare(&self, inst: &Instance<F>) -> Result<()> {
+        let Some(cell) = self.layout.get(&inst.name) else { return Ok(()) };
+        cell.get_or_try_init(|| async {
+            for d in ["volumes", "snapshots", "tmp", "trash"] {
+                Self::ensure_dirs(&inst.fs, &format!("{META_DIR}/{d}")).await?;
+            }
+            Ok::<(), Error>(())
+        })
+        .await
+        .map(|_| ())
     }
 
     pub fn instance(&self, name: &str) -> Result<&Instance<F>> {
@@ -241,7 +258,6 @@ impl<F: Fs> DirBackend<F> {
     /// Builds the volume's tree in a temporary place, then renames it into `dest`.
     async fn build_volume(&self, inst: &Instance<F>, dest: &RelPath, meta: &VolumeMeta, key: &str) -> Result<()> {
         let fs = &inst.fs;
-        Self::ensure_dirs(fs, &format!("{META_DIR}/tmp")).await?;
         // Leftovers of an earlier attempt at the same volume (controller killed mid-create).
         let prefix = format!("{key}.");
         for e in fs.read_dir(&rel(&format!("{META_DIR}/tmp"))?).await? {
@@ -420,6 +436,7 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
     async fn create_volume(&self, req: &CreateVolume) -> Result<Volume> {
         let inst = self.choose_instance(&req.parameters)?;
         let p = params::DirParams::parse(&req.parameters)?;
+        self.prepare(inst).await?;
         self.check_capabilities(&req.capabilities)?;
         let block = Self::wants_block(&req.capabilities);
         if block && !inst.options.block {
@@ -537,6 +554,7 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
         let _guard = self.locks.lock(&format!("{}/{}", inst.name, key)).await;
         let fs = &inst.fs;
         let meta_path = Self::meta_path(&id.path)?;
+        self.prepare(inst).await?;
         let Some(meta) = Self::read_json::<VolumeMeta>(fs, &meta_path).await? else {
             // Never ours (or already deleted): leave whatever is there alone.
             return Ok(());
@@ -551,7 +569,6 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
                     fs.rename(&id.path, &to).await?;
                 }
                 OnDelete::Delete => {
-                    Self::ensure_dirs(fs, &format!("{META_DIR}/trash")).await?;
                     // Rename first: the volume disappears atomically, the slow removal follows.
                     let trash = rel(&format!("{META_DIR}/trash/{key}.{}", uuid::Uuid::new_v4().simple()))?;
                     fs.rename(&id.path, &trash).await?;
@@ -619,6 +636,7 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
         let (inst, vid) = self
             .parse_id("source_volume_id", source_volume_id)?
             .ok_or_else(|| Error::not_found("source volume", source_volume_id))?;
+        self.prepare(inst).await?;
         let snap = RelPath::component("name", &dir_name_for(name, "snap"))?;
         let sid = VolumeId::new(&inst.name, snap.clone())?;
         let _guard = self.locks.lock(&format!("snap:{sid}")).await;
@@ -636,7 +654,6 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
         let _vguard = self.locks.lock(&format!("{}/{}", inst.name, vkey)).await;
         let vmeta = Self::load_volume(inst, &vid.path).await?.ok_or_else(|| Error::not_found("source volume", source_volume_id))?;
         let fs = &inst.fs;
-        Self::ensure_dirs(fs, &format!("{META_DIR}/snapshots")).await?;
         let tmp = rel(&format!("{META_DIR}/snapshots/.{snap}.tmp"))?;
         fs.remove_all(&tmp).await?;
         let meta = SnapshotMeta {
@@ -671,7 +688,7 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
         if fs.stat(&dir).await?.is_none() {
             return Ok(());
         }
-        Self::ensure_dirs(fs, &format!("{META_DIR}/trash")).await?;
+        self.prepare(inst).await?;
         let trash = rel(&format!("{META_DIR}/trash/snap-{}.{}", hash_hex(sid.path.as_str(), 16), uuid::Uuid::new_v4().simple()))?;
         fs.rename(&dir, &trash).await?;
         fs.remove_all(&trash).await?;
