@@ -25,14 +25,24 @@ pub struct Output {
 
 /// Runs `program args...`, returning its output whatever the exit status; Err only when it
 /// could not run or timed out.
-pub async fn run_status<S: AsRef<OsStr>>(program: &str, args: &[S], timeout: Duration) -> Result<Output> {
+pub async fn run_status<S: AsRef<OsStr>>(
+    program: &str,
+    args: &[S],
+    timeout: Duration,
+) -> Result<Output> {
     let mut cmd = Command::new(program);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     // A new process group so that helpers a command forks (mount.nfs, FUSE daemons started in
     // the foreground) are not tied to our terminal signals.
     cmd.process_group(0);
     let child = cmd.spawn().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::FailedPrecondition(format!("{program} is not installed on this node")),
+        std::io::ErrorKind::NotFound => {
+            Error::FailedPrecondition(format!("{program} is not installed on this node"))
+        }
         _ => Error::io(format!("spawning {program}"), e),
     })?;
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
@@ -43,7 +53,10 @@ pub async fn run_status<S: AsRef<OsStr>>(program: &str, args: &[S], timeout: Dur
         }),
         Ok(Err(e)) => Err(Error::io(format!("waiting for {program}"), e)),
         // Dropping the future drops the child, which kill_on_drop kills.
-        Err(_) => Err(Error::Unavailable(format!("{program} did not finish within {}s and was killed", timeout.as_secs()))),
+        Err(_) => Err(Error::Unavailable(format!(
+            "{program} did not finish within {}s and was killed",
+            timeout.as_secs()
+        ))),
     }
 }
 
@@ -52,8 +65,15 @@ pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S], timeout: Duration) 
     let out = run_status(program, args, timeout).await?;
     if out.status != 0 {
         let msg = out.stderr.trim();
-        let msg = if msg.is_empty() { out.stdout.trim() } else { msg };
-        return Err(Error::Internal(format!("{program} exited with {}: {msg}", out.status)));
+        let msg = if msg.is_empty() {
+            out.stdout.trim()
+        } else {
+            msg
+        };
+        return Err(Error::Internal(format!(
+            "{program} exited with {}: {msg}",
+            out.status
+        )));
     }
     Ok(out)
 }
@@ -65,16 +85,22 @@ mod tests {
     #[tokio::test]
     async fn kills_on_timeout() {
         let t = std::time::Instant::now();
-        let err = run("sleep", &["30"], Duration::from_millis(200)).await.unwrap_err();
+        let err = run("sleep", &["30"], Duration::from_millis(200))
+            .await
+            .unwrap_err();
         assert!(matches!(err, Error::Unavailable(_)), "{err}");
         assert!(t.elapsed() < Duration::from_secs(5));
     }
 
     #[tokio::test]
     async fn reports_failure_and_missing_programs() {
-        let err = run("sh", &["-c", "echo boom >&2; exit 3"], SHORT_TIMEOUT).await.unwrap_err();
+        let err = run("sh", &["-c", "echo boom >&2; exit 3"], SHORT_TIMEOUT)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("boom"), "{err}");
-        let err = run("/nonexistent/prog", &[] as &[&str], SHORT_TIMEOUT).await.unwrap_err();
+        let err = run("/nonexistent/prog", &[] as &[&str], SHORT_TIMEOUT)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("not installed"), "{err}");
     }
 }

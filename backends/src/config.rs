@@ -53,9 +53,18 @@ impl DirSettings {
             Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
                 .ok()
                 .filter(|m| *m <= 0o7777)
-                .ok_or_else(|| Error::invalid("dirMode", format!("{m:?} is not an octal mode such as \"0775\"")))?,
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "dirMode",
+                        format!("{m:?} is not an octal mode such as \"0775\""),
+                    )
+                })?,
         };
-        Ok(crate::fs::DirAttrs { mode, uid: self.dir_uid, gid: self.dir_gid })
+        Ok(crate::fs::DirAttrs {
+            mode,
+            uid: self.dir_uid,
+            gid: self.dir_gid,
+        })
     }
 }
 
@@ -145,19 +154,29 @@ impl Config {
             Config::Nfs(i) => i.instances.keys().collect(),
         };
         if names.is_empty() {
-            return Err(Error::invalid("config", "instances: at least one instance is required"));
+            return Err(Error::invalid(
+                "config",
+                "instances: at least one instance is required",
+            ));
         }
         for n in names {
-            crate::volume_id::validate_instance_name(n)
-                .map_err(|_| Error::invalid("config", format!("instance name {n:?} must be 1-32 of [a-z0-9-_]")))?;
+            crate::volume_id::validate_instance_name(n).map_err(|_| {
+                Error::invalid(
+                    "config",
+                    format!("instance name {n:?} must be 1-32 of [a-z0-9-_]"),
+                )
+            })?;
         }
         Ok(cfg)
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading config {}", path.display()), e))?;
         Self::parse(&text).map_err(|e| match e {
-            Error::InvalidArgument { reason, .. } => Error::invalid("config", format!("{}: {reason}", path.display())),
+            Error::InvalidArgument { reason, .. } => {
+                Error::invalid("config", format!("{}: {reason}", path.display()))
+            }
             other => other,
         })
     }
@@ -165,7 +184,7 @@ impl Config {
     pub fn driver_name(&self) -> &'static str {
         match self {
             Config::Local(_) => crate::local::DRIVER,
-            Config::Nfs(_) => "nfs.stowage.io",
+            Config::Nfs(_) => crate::nfs::DRIVER,
         }
     }
 }
@@ -176,9 +195,17 @@ mod tests {
 
     #[test]
     fn parses_examples() {
-        let c = Config::parse("backend: local\ninstances:\n  default:\n    baseDir: /tmp/x\n    dirMode: \"0750\"\n").unwrap();
-        let Config::Local(l) = &c else { panic!("not local") };
-        assert_eq!(l.instances["default"].dir_settings().attrs().unwrap().mode, 0o750);
+        let c = Config::parse(
+            "backend: local\ninstances:\n  default:\n    baseDir: /tmp/x\n    dirMode: \"0750\"\n",
+        )
+        .unwrap();
+        let Config::Local(l) = &c else {
+            panic!("not local")
+        };
+        assert_eq!(
+            l.instances["default"].dir_settings().attrs().unwrap().mode,
+            0o750
+        );
         assert!(l.instances["default"].block);
         let c = Config::parse(
             "backend: nfs\ninstances:\n  main:\n    server: 127.0.0.1\n    export: /export\n    mountOptions: [nfsvers=4.1]\n",
@@ -198,9 +225,11 @@ mod tests {
         ] {
             assert!(Config::parse(bad).is_err(), "{bad}");
         }
-        let e = Config::parse("backend: local\ninstances:\n  d:\n    baseDir: /x\n    dirMode: \"999\"\n")
-            .unwrap()
-            .clone();
+        let e = Config::parse(
+            "backend: local\ninstances:\n  d:\n    baseDir: /x\n    dirMode: \"999\"\n",
+        )
+        .unwrap()
+        .clone();
         let Config::Local(l) = e else { panic!() };
         assert!(l.instances["d"].dir_settings().attrs().is_err());
     }

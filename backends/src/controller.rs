@@ -7,7 +7,7 @@ use async_trait::async_trait;
 
 use crate::error::{Error, Result};
 use crate::types::{
-    CapacityRange, Capability, CreateVolume, Page, Secrets, Snapshot, SnapshotFilter, Volume,
+    Capability, CapacityRange, CreateVolume, Page, Secrets, Snapshot, SnapshotFilter, Volume,
 };
 
 /// Optional controller features, advertised through ControllerGetCapabilities.
@@ -56,7 +56,12 @@ pub trait ControllerBackend: Send + Sync + 'static {
     /// Bytes available for new volumes with these parameters.
     async fn capacity(&self, parameters: &BTreeMap<String, String>) -> Result<u64>;
 
-    async fn expand_volume(&self, volume_id: &str, range: CapacityRange, secrets: &Secrets) -> Result<Expanded> {
+    async fn expand_volume(
+        &self,
+        volume_id: &str,
+        range: CapacityRange,
+        secrets: &Secrets,
+    ) -> Result<Expanded> {
         let _ = (volume_id, range, secrets);
         Err(Error::Unsupported("volume expansion".into()))
     }
@@ -77,7 +82,12 @@ pub trait ControllerBackend: Send + Sync + 'static {
         Err(Error::Unsupported("snapshots".into()))
     }
 
-    async fn list_snapshots(&self, filter: &SnapshotFilter, start: Option<&str>, max: usize) -> Result<Page<Snapshot>> {
+    async fn list_snapshots(
+        &self,
+        filter: &SnapshotFilter,
+        start: Option<&str>,
+        max: usize,
+    ) -> Result<Page<Snapshot>> {
         let _ = (filter, start, max);
         Err(Error::Unsupported("snapshots".into()))
     }

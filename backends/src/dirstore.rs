@@ -29,8 +29,8 @@ use crate::locks::KeyLocks;
 use crate::params::{self, OnDelete};
 use crate::relpath::RelPath;
 use crate::types::{
-    AccessType, CapacityRange, Capability, ContentSource, CreateVolume, Page, Secrets, Snapshot, SnapshotFilter,
-    Volume,
+    AccessType, Capability, CapacityRange, ContentSource, CreateVolume, Page, Secrets, Snapshot,
+    SnapshotFilter, Volume,
 };
 use crate::volume_id::VolumeId;
 
@@ -54,7 +54,11 @@ pub struct DirOptions {
 
 impl Default for DirOptions {
     fn default() -> Self {
-        DirOptions { attrs: DirAttrs::default(), block: false, max_volume_bytes: 0 }
+        DirOptions {
+            attrs: DirAttrs::default(),
+            block: false,
+            max_volume_bytes: 0,
+        }
     }
 }
 
@@ -106,7 +110,9 @@ pub struct DirBackend<F: Fs> {
 }
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 fn hash_hex(s: &str, len: usize) -> String {
@@ -126,27 +132,46 @@ pub fn dir_name_for(name: &str, prefix: &str) -> String {
         && name.len() <= 63
         && !name.starts_with('.')
         && !name.starts_with('-')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if safe { name.to_owned() } else { format!("{prefix}-{}", hash_hex(name, 32)) }
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if safe {
+        name.to_owned()
+    } else {
+        format!("{prefix}-{}", hash_hex(name, 32))
+    }
 }
 
 impl<F: Fs> DirBackend<F> {
     pub fn new(driver: &'static str, instances: Vec<Instance<F>>) -> Result<Self> {
         if instances.is_empty() {
-            return Err(Error::invalid("instances", "at least one backend instance must be configured"));
+            return Err(Error::invalid(
+                "instances",
+                "at least one backend instance must be configured",
+            ));
         }
         let mut map = BTreeMap::new();
         for i in instances {
             crate::volume_id::validate_instance_name(&i.name)?;
             map.insert(i.name.clone(), i);
         }
-        let layout = map.keys().map(|k| (k.clone(), tokio::sync::OnceCell::new())).collect();
-        Ok(DirBackend { driver, instances: map, locks: KeyLocks::default(), layout })
+        let layout = map
+            .keys()
+            .map(|k| (k.clone(), tokio::sync::OnceCell::new()))
+            .collect();
+        Ok(DirBackend {
+            driver,
+            instances: map,
+            locks: KeyLocks::default(),
+            layout,
+        })
     }
 
     /// Creates the bookkeeping directories of an instance once.
     async fn prepare(&self, inst: &Instance<F>) -> Result<()> {
-        let Some(cell) = self.layout.get(&inst.name) else { return Ok(()) };
+        let Some(cell) = self.layout.get(&inst.name) else {
+            return Ok(());
+        };
         cell.get_or_try_init(|| async {
             for d in ["volumes", "snapshots", "tmp", "trash"] {
                 Self::ensure_dirs(&inst.fs, &format!("{META_DIR}/{d}")).await?;
@@ -158,30 +183,51 @@ impl<F: Fs> DirBackend<F> {
     }
 
     pub fn instance(&self, name: &str) -> Result<&Instance<F>> {
-        self.instances.get(name).ok_or_else(|| Error::not_found("backend instance", name))
+        self.instances
+            .get(name)
+            .ok_or_else(|| Error::not_found("backend instance", name))
     }
 
     /// The instance a CreateVolume or GetCapacity names, or the only/default one.
     fn choose_instance(&self, parameters: &BTreeMap<String, String>) -> Result<&Instance<F>> {
         if let Some(name) = parameters.get(params::INSTANCE) {
             return self.instances.get(name).ok_or_else(|| {
-                Error::invalid("parameters.instance", format!("{name:?} is not configured (have: {})", self.instance_names()))
+                Error::invalid(
+                    "parameters.instance",
+                    format!(
+                        "{name:?} is not configured (have: {})",
+                        self.instance_names()
+                    ),
+                )
             });
         }
         if self.instances.len() == 1 {
             return Ok(self.instances.values().next().expect("one instance"));
         }
         self.instances.get("default").ok_or_else(|| {
-            Error::invalid("parameters.instance", format!("required: several instances are configured ({})", self.instance_names()))
+            Error::invalid(
+                "parameters.instance",
+                format!(
+                    "required: several instances are configured ({})",
+                    self.instance_names()
+                ),
+            )
         })
     }
 
     fn instance_names(&self) -> String {
-        self.instances.keys().cloned().collect::<Vec<_>>().join(", ")
+        self.instances
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     fn meta_path(path: &RelPath) -> Result<RelPath> {
-        rel(&format!("{META_DIR}/volumes/{}.json", hash_hex(path.as_str(), 40)))
+        rel(&format!(
+            "{META_DIR}/volumes/{}.json",
+            hash_hex(path.as_str(), 40)
+        ))
     }
 
     fn snap_dir(snap: &RelPath) -> Result<RelPath> {
@@ -195,7 +241,15 @@ impl<F: Fs> DirBackend<F> {
                 Some(c) => c.join(comp)?,
                 None => RelPath::component("path", comp)?,
             };
-            fs.mkdir(&next, DirAttrs { mode: 0o755, uid: None, gid: None }).await?;
+            fs.mkdir(
+                &next,
+                DirAttrs {
+                    mode: 0o755,
+                    uid: None,
+                    gid: None,
+                },
+            )
+            .await?;
             cur = Some(next);
         }
         Ok(())
@@ -217,7 +271,8 @@ impl<F: Fs> DirBackend<F> {
 
     /// Metadata of a complete volume (metadata and directory both present).
     async fn load_volume(inst: &Instance<F>, path: &RelPath) -> Result<Option<VolumeMeta>> {
-        let Some(meta) = Self::read_json::<VolumeMeta>(&inst.fs, &Self::meta_path(path)?).await? else {
+        let Some(meta) = Self::read_json::<VolumeMeta>(&inst.fs, &Self::meta_path(path)?).await?
+        else {
             return Ok(None);
         };
         match inst.fs.stat(path).await? {
@@ -244,7 +299,11 @@ impl<F: Fs> DirBackend<F> {
         }
     }
 
-    fn parse_id<'a>(&'a self, field: &'static str, s: &str) -> Result<Option<(&'a Instance<F>, VolumeId)>> {
+    fn parse_id<'a>(
+        &'a self,
+        field: &'static str,
+        s: &str,
+    ) -> Result<Option<(&'a Instance<F>, VolumeId)>> {
         let id = VolumeId::parse(field, s)?;
         // An ID of an instance no longer configured cannot be acted on, but for delete and get
         // it is "not found", not a malformed request.
@@ -256,20 +315,31 @@ impl<F: Fs> DirBackend<F> {
     }
 
     /// Builds the volume's tree in a temporary place, then renames it into `dest`.
-    async fn build_volume(&self, inst: &Instance<F>, dest: &RelPath, meta: &VolumeMeta, key: &str) -> Result<()> {
+    async fn build_volume(
+        &self,
+        inst: &Instance<F>,
+        dest: &RelPath,
+        meta: &VolumeMeta,
+        key: &str,
+    ) -> Result<()> {
         let fs = &inst.fs;
         // Leftovers of an earlier attempt at the same volume (controller killed mid-create).
         let prefix = format!("{key}.");
         for e in fs.read_dir(&rel(&format!("{META_DIR}/tmp"))?).await? {
             if e.name.starts_with(&prefix) {
-                fs.remove_all(&rel(&format!("{META_DIR}/tmp/{}", e.name))?).await?;
+                fs.remove_all(&rel(&format!("{META_DIR}/tmp/{}", e.name))?)
+                    .await?;
             }
         }
-        let tmp = rel(&format!("{META_DIR}/tmp/{key}.{}", uuid::Uuid::new_v4().simple()))?;
+        let tmp = rel(&format!(
+            "{META_DIR}/tmp/{key}.{}",
+            uuid::Uuid::new_v4().simple()
+        ))?;
         let res = async {
             if let Some(snap) = &meta.source_snapshot {
                 let sid = VolumeId::parse("volume_content_source.snapshot.snapshot_id", snap)?;
-                fs.copy_tree(&Self::snap_dir(&sid.path)?.join("data")?, &tmp).await?;
+                fs.copy_tree(&Self::snap_dir(&sid.path)?.join("data")?, &tmp)
+                    .await?;
             } else if let Some(src) = &meta.source_volume {
                 let vid = VolumeId::parse("volume_content_source.volume.volume_id", src)?;
                 fs.copy_tree(&vid.path, &tmp).await?;
@@ -331,12 +401,21 @@ impl<F: Fs> DirBackend<F> {
                 if !e.name.ends_with(".json") {
                     continue;
                 }
-                let Some(meta) = Self::read_json::<VolumeMeta>(&inst.fs, &dir.join(&e.name)?).await? else { continue };
-                let Ok(path) = RelPath::parse("path", &meta.path) else { continue };
+                let Some(meta) =
+                    Self::read_json::<VolumeMeta>(&inst.fs, &dir.join(&e.name)?).await?
+                else {
+                    continue;
+                };
+                let Ok(path) = RelPath::parse("path", &meta.path) else {
+                    continue;
+                };
                 if inst.fs.stat(&path).await?.is_none() {
                     continue;
                 }
-                let id = VolumeId { instance: inst.name.clone(), path };
+                let id = VolumeId {
+                    instance: inst.name.clone(),
+                    path,
+                };
                 out.push((id.to_string(), Self::to_volume(inst, &id, &meta)));
             }
         }
@@ -352,12 +431,17 @@ impl<F: Fs> DirBackend<F> {
                 continue;
             }
             for e in inst.fs.read_dir(&dir).await? {
-                let Ok(snap) = RelPath::component("snapshot", &e.name) else { continue };
+                let Ok(snap) = RelPath::component("snapshot", &e.name) else {
+                    continue;
+                };
                 if e.name.starts_with('.') {
                     continue;
                 }
                 if let Some(meta) = Self::find_snapshot(inst, &snap).await? {
-                    let id = VolumeId { instance: inst.name.clone(), path: snap };
+                    let id = VolumeId {
+                        instance: inst.name.clone(),
+                        path: snap,
+                    };
                     out.push(snapshot_of(&id, &meta));
                 }
             }
@@ -383,15 +467,23 @@ fn paginate<T: Clone>(items: &[(String, T)], start: Option<&str>, max: usize) ->
     let begin = match start.filter(|s| !s.is_empty()) {
         None => 0,
         Some(tok) => {
-            VolumeId::parse("starting_token", tok).map_err(|_| Error::Aborted(format!("starting_token {tok:?} is not valid")))?;
+            VolumeId::parse("starting_token", tok)
+                .map_err(|_| Error::Aborted(format!("starting_token {tok:?} is not valid")))?;
             items.partition_point(|(k, _)| k.as_str() <= tok)
         }
     };
     let max = if max == 0 { usize::MAX } else { max };
     let end = begin.saturating_add(max).min(items.len());
     let page: Vec<T> = items[begin..end].iter().map(|(_, v)| v.clone()).collect();
-    let next_token = if end < items.len() { Some(items[end - 1].0.clone()) } else { None };
-    Ok(Page { items: page, next_token })
+    let next_token = if end < items.len() {
+        Some(items[end - 1].0.clone())
+    } else {
+        None
+    };
+    Ok(Page {
+        items: page,
+        next_token,
+    })
 }
 
 #[async_trait]
@@ -418,10 +510,15 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
                 AccessType::Block if !block_ok => {
                     return Err(Error::invalid(
                         "volume_capabilities",
-                        format!("{} volumes are directories: raw block access is not supported", self.driver),
+                        format!(
+                            "{} volumes are directories: raw block access is not supported",
+                            self.driver
+                        ),
                     ));
                 }
-                AccessType::Block if c.access_mode.is_multi_node() && !c.access_mode.is_read_only() => {
+                AccessType::Block
+                    if c.access_mode.is_multi_node() && !c.access_mode.is_read_only() =>
+                {
                     return Err(Error::invalid(
                         "volume_capabilities",
                         "raw block volumes are image files on one node: multi-node writers are not supported",
@@ -440,18 +537,31 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
         self.check_capabilities(&req.capabilities)?;
         let block = Self::wants_block(&req.capabilities);
         if block && !inst.options.block {
-            return Err(Error::invalid("volume_capabilities", format!("instance {} does not offer raw block volumes", inst.name)));
+            return Err(Error::invalid(
+                "volume_capabilities",
+                format!("instance {} does not offer raw block volumes", inst.name),
+            ));
         }
         let dir = match &p.sub_dir {
             Some(t) => params::expand_template(t, &req.parameters)?,
             None => dir_name_for(&req.name, "vol"),
         };
         let path = RelPath::parse("parameters.subDir", &dir)?;
-        if path.components().any(|c| c.starts_with('.') || c.starts_with("archived-")) {
-            return Err(Error::invalid("parameters.subDir", format!("{dir:?}: names may not start with '.' or 'archived-'")));
+        if path
+            .components()
+            .any(|c| c.starts_with('.') || c.starts_with("archived-"))
+        {
+            return Err(Error::invalid(
+                "parameters.subDir",
+                format!("{dir:?}: names may not start with '.' or 'archived-'"),
+            ));
         }
-        let id = VolumeId::new(&inst.name, path.clone())
-            .map_err(|_| Error::invalid("name", "the volume's directory name makes an ID longer than 128 bytes"))?;
+        let id = VolumeId::new(&inst.name, path.clone()).map_err(|_| {
+            Error::invalid(
+                "name",
+                "the volume's directory name makes an ID longer than 128 bytes",
+            )
+        })?;
 
         let capacity = req.capacity.choose(DEFAULT_CAPACITY);
         if inst.options.max_volume_bytes > 0 && capacity > inst.options.max_volume_bytes {
@@ -461,7 +571,10 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
             )));
         }
         if !req.capacity.admits(capacity) {
-            return Err(Error::OutOfRange(format!("capacity_range {:?} cannot be satisfied", req.capacity)));
+            return Err(Error::OutOfRange(format!(
+                "capacity_range {:?} cannot be satisfied",
+                req.capacity
+            )));
         }
 
         let (source_snapshot, source_volume) = match &req.source {
@@ -486,11 +599,19 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
                     req.name, existing.capacity, req.capacity
                 )));
             }
-            if existing.source_snapshot != source_snapshot || existing.source_volume != source_volume {
-                return Err(Error::AlreadyExists(format!("volume {:?} exists with a different content source", req.name)));
+            if existing.source_snapshot != source_snapshot
+                || existing.source_volume != source_volume
+            {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {:?} exists with a different content source",
+                    req.name
+                )));
             }
             if existing.block != block {
-                return Err(Error::AlreadyExists(format!("volume {:?} exists with a different access type", req.name)));
+                return Err(Error::AlreadyExists(format!(
+                    "volume {:?} exists with a different access type",
+                    req.name
+                )));
             }
             return Ok(Self::to_volume(inst, &id, &existing));
         }
@@ -499,34 +620,63 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
         if let Some(snap) = &source_snapshot {
             let sid = VolumeId::parse("volume_content_source.snapshot.snapshot_id", snap)
                 .map_err(|_| Error::not_found("snapshot", snap))?;
-            let sinst = self.instance(&sid.instance).map_err(|_| Error::not_found("snapshot", snap))?;
+            let sinst = self
+                .instance(&sid.instance)
+                .map_err(|_| Error::not_found("snapshot", snap))?;
             if sid.instance != inst.name {
-                return Err(Error::invalid("volume_content_source", "snapshot is on another backend instance"));
+                return Err(Error::invalid(
+                    "volume_content_source",
+                    "snapshot is on another backend instance",
+                ));
             }
-            let smeta = Self::find_snapshot(sinst, &sid.path).await?.ok_or_else(|| Error::not_found("snapshot", snap))?;
+            let smeta = Self::find_snapshot(sinst, &sid.path)
+                .await?
+                .ok_or_else(|| Error::not_found("snapshot", snap))?;
             if capacity < smeta.size {
-                return Err(Error::OutOfRange(format!("capacity_range: {capacity} bytes is smaller than snapshot size {}", smeta.size)));
+                return Err(Error::OutOfRange(format!(
+                    "capacity_range: {capacity} bytes is smaller than snapshot size {}",
+                    smeta.size
+                )));
             }
             if smeta.block != block {
-                return Err(Error::invalid("volume_content_source", "snapshot access type (block or filesystem) differs from the request"));
+                return Err(Error::invalid(
+                    "volume_content_source",
+                    "snapshot access type (block or filesystem) differs from the request",
+                ));
             }
         }
         if let Some(src) = &source_volume {
-            let vid = VolumeId::parse("volume_content_source.volume.volume_id", src).map_err(|_| Error::not_found("volume", src))?;
+            let vid = VolumeId::parse("volume_content_source.volume.volume_id", src)
+                .map_err(|_| Error::not_found("volume", src))?;
             if vid.instance != inst.name {
-                return Err(Error::invalid("volume_content_source", "source volume is on another backend instance"));
+                return Err(Error::invalid(
+                    "volume_content_source",
+                    "source volume is on another backend instance",
+                ));
             }
-            let vmeta = Self::load_volume(inst, &vid.path).await?.ok_or_else(|| Error::not_found("source volume", src))?;
+            let vmeta = Self::load_volume(inst, &vid.path)
+                .await?
+                .ok_or_else(|| Error::not_found("source volume", src))?;
             if capacity < vmeta.capacity {
-                return Err(Error::OutOfRange(format!("capacity_range: {capacity} bytes is smaller than the source volume's {}", vmeta.capacity)));
+                return Err(Error::OutOfRange(format!(
+                    "capacity_range: {capacity} bytes is smaller than the source volume's {}",
+                    vmeta.capacity
+                )));
             }
             if vmeta.block != block {
-                return Err(Error::invalid("volume_content_source", "source volume access type (block or filesystem) differs from the request"));
+                return Err(Error::invalid(
+                    "volume_content_source",
+                    "source volume access type (block or filesystem) differs from the request",
+                ));
             }
         }
 
-        let stored_params: BTreeMap<String, String> =
-            req.parameters.iter().filter(|(k, _)| params::is_stored(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let stored_params: BTreeMap<String, String> = req
+            .parameters
+            .iter()
+            .filter(|(k, _)| params::is_stored(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let meta = VolumeMeta {
             name: req.name.clone(),
             path: path.to_string(),
@@ -549,7 +699,9 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
     }
 
     async fn delete_volume(&self, volume_id: &str, _secrets: &Secrets) -> Result<()> {
-        let Some((inst, id)) = self.parse_id("volume_id", volume_id)? else { return Ok(()) };
+        let Some((inst, id)) = self.parse_id("volume_id", volume_id)? else {
+            return Ok(());
+        };
         let key = hash_hex(id.path.as_str(), 40);
         let _guard = self.locks.lock(&format!("{}/{}", inst.name, key)).await;
         let fs = &inst.fs;
@@ -559,7 +711,9 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
             // Never ours (or already deleted): leave whatever is there alone.
             return Ok(());
         };
-        let on_delete = params::DirParams::parse(&meta.parameters).map(|p| p.on_delete).unwrap_or_default();
+        let on_delete = params::DirParams::parse(&meta.parameters)
+            .map(|p| p.on_delete)
+            .unwrap_or_default();
         if fs.stat(&id.path).await?.is_some() {
             match on_delete {
                 OnDelete::Retain => {}
@@ -570,7 +724,10 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
                 }
                 OnDelete::Delete => {
                     // Rename first: the volume disappears atomically, the slow removal follows.
-                    let trash = rel(&format!("{META_DIR}/trash/{key}.{}", uuid::Uuid::new_v4().simple()))?;
+                    let trash = rel(&format!(
+                        "{META_DIR}/trash/{key}.{}",
+                        uuid::Uuid::new_v4().simple()
+                    ))?;
                     fs.rename(&id.path, &trash).await?;
                     fs.remove_all(&trash).await?;
                 }
@@ -587,7 +744,9 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
         let Some((inst, id)) = self.parse_id("volume_id", volume_id)? else {
             return Err(Error::not_found("volume", volume_id));
         };
-        let meta = Self::load_volume(inst, &id.path).await?.ok_or_else(|| Error::not_found("volume", volume_id))?;
+        let meta = Self::load_volume(inst, &id.path)
+            .await?
+            .ok_or_else(|| Error::not_found("volume", volume_id))?;
         Ok(Self::to_volume(inst, &id, &meta))
     }
 
@@ -605,16 +764,26 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
         })
     }
 
-    async fn expand_volume(&self, volume_id: &str, range: CapacityRange, _secrets: &Secrets) -> Result<Expanded> {
+    async fn expand_volume(
+        &self,
+        volume_id: &str,
+        range: CapacityRange,
+        _secrets: &Secrets,
+    ) -> Result<Expanded> {
         let Some((inst, id)) = self.parse_id("volume_id", volume_id)? else {
             return Err(Error::not_found("volume", volume_id));
         };
         let key = hash_hex(id.path.as_str(), 40);
         let _guard = self.locks.lock(&format!("{}/{}", inst.name, key)).await;
-        let mut meta = Self::load_volume(inst, &id.path).await?.ok_or_else(|| Error::not_found("volume", volume_id))?;
+        let mut meta = Self::load_volume(inst, &id.path)
+            .await?
+            .ok_or_else(|| Error::not_found("volume", volume_id))?;
         let want = range.choose(meta.capacity);
         if inst.options.max_volume_bytes > 0 && want > inst.options.max_volume_bytes {
-            return Err(Error::OutOfRange(format!("capacity_range: {want} bytes is more than the limit of {}", inst.options.max_volume_bytes)));
+            return Err(Error::OutOfRange(format!(
+                "capacity_range: {want} bytes is more than the limit of {}",
+                inst.options.max_volume_bytes
+            )));
         }
         if want > meta.capacity {
             if meta.block {
@@ -623,7 +792,10 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
             meta.capacity = want;
             Self::write_json(&inst.fs, &Self::meta_path(&id.path)?, &meta).await?;
         }
-        Ok(Expanded { capacity_bytes: meta.capacity, node_expansion_required: meta.block })
+        Ok(Expanded {
+            capacity_bytes: meta.capacity,
+            node_expansion_required: meta.block,
+        })
     }
 
     async fn create_snapshot(
@@ -652,7 +824,9 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
         let vkey = hash_hex(vid.path.as_str(), 40);
         // Hold the volume's lock so that no delete or expand interleaves with the copy.
         let _vguard = self.locks.lock(&format!("{}/{}", inst.name, vkey)).await;
-        let vmeta = Self::load_volume(inst, &vid.path).await?.ok_or_else(|| Error::not_found("source volume", source_volume_id))?;
+        let vmeta = Self::load_volume(inst, &vid.path)
+            .await?
+            .ok_or_else(|| Error::not_found("source volume", source_volume_id))?;
         let fs = &inst.fs;
         let tmp = rel(&format!("{META_DIR}/snapshots/.{snap}.tmp"))?;
         fs.remove_all(&tmp).await?;
@@ -664,7 +838,15 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
             created: now_secs(),
         };
         let res = async {
-            fs.mkdir(&tmp, DirAttrs { mode: 0o700, uid: None, gid: None }).await?;
+            fs.mkdir(
+                &tmp,
+                DirAttrs {
+                    mode: 0o700,
+                    uid: None,
+                    gid: None,
+                },
+            )
+            .await?;
             fs.copy_tree(&vid.path, &tmp.join("data")?).await?;
             Self::write_json(fs, &tmp.join("meta.json")?, &meta).await?;
             fs.rename(&tmp, &Self::snap_dir(&snap)?).await
@@ -678,7 +860,9 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
     }
 
     async fn delete_snapshot(&self, snapshot_id: &str, _secrets: &Secrets) -> Result<()> {
-        let Some((inst, sid)) = self.parse_id("snapshot_id", snapshot_id)? else { return Ok(()) };
+        let Some((inst, sid)) = self.parse_id("snapshot_id", snapshot_id)? else {
+            return Ok(());
+        };
         if sid.path.components().count() != 1 {
             return Ok(());
         }
@@ -689,19 +873,33 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
             return Ok(());
         }
         self.prepare(inst).await?;
-        let trash = rel(&format!("{META_DIR}/trash/snap-{}.{}", hash_hex(sid.path.as_str(), 16), uuid::Uuid::new_v4().simple()))?;
+        let trash = rel(&format!(
+            "{META_DIR}/trash/snap-{}.{}",
+            hash_hex(sid.path.as_str(), 16),
+            uuid::Uuid::new_v4().simple()
+        ))?;
         fs.rename(&dir, &trash).await?;
         fs.remove_all(&trash).await?;
         Ok(())
     }
 
-    async fn list_snapshots(&self, filter: &SnapshotFilter, start: Option<&str>, max: usize) -> Result<Page<Snapshot>> {
+    async fn list_snapshots(
+        &self,
+        filter: &SnapshotFilter,
+        start: Option<&str>,
+        max: usize,
+    ) -> Result<Page<Snapshot>> {
         let all: Vec<(String, Snapshot)> = self
             .all_snapshots()
             .await?
             .into_iter()
             .filter(|s| filter.snapshot_id.as_deref().is_none_or(|id| s.id == id))
-            .filter(|s| filter.source_volume_id.as_deref().is_none_or(|v| s.source_volume_id == v))
+            .filter(|s| {
+                filter
+                    .source_volume_id
+                    .as_deref()
+                    .is_none_or(|v| s.source_volume_id == v)
+            })
             .map(|s| (s.id.clone(), s))
             .collect();
         paginate(&all, start, max)
@@ -713,7 +911,9 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
         };
         let key = hash_hex(id.path.as_str(), 40);
         let _guard = self.locks.lock(&format!("{}/{}", inst.name, key)).await;
-        let meta = Self::load_volume(inst, &id.path).await?.ok_or_else(|| Error::not_found("volume", volume_id))?;
+        let meta = Self::load_volume(inst, &id.path)
+            .await?
+            .ok_or_else(|| Error::not_found("volume", volume_id))?;
         let fs = &inst.fs;
         if meta.block {
             // A fresh sparse image of the same size: old blocks are gone, not just unlinked.
@@ -754,9 +954,15 @@ mod tests {
         let p3 = paginate(&items, p2.next_token.as_deref(), 2).unwrap();
         assert_eq!(p3.items, vec![4]);
         assert!(p3.next_token.is_none());
-        assert!(matches!(paginate(&items, Some("garbage"), 2), Err(Error::Aborted(_))));
+        assert!(matches!(
+            paginate(&items, Some("garbage"), 2),
+            Err(Error::Aborted(_))
+        ));
         // The last item of a page deleted before the next call: the token still works.
         let fewer: Vec<_> = items.iter().filter(|(k, _)| k != "i/v1").cloned().collect();
-        assert_eq!(paginate(&fewer, p1.next_token.as_deref(), 2).unwrap().items, vec![2, 3]);
+        assert_eq!(
+            paginate(&fewer, p1.next_token.as_deref(), 2).unwrap().items,
+            vec![2, 3]
+        );
     }
 }

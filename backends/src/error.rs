@@ -46,13 +46,22 @@ pub enum Error {
 
 impl Error {
     pub fn invalid(field: &'static str, reason: impl fmt::Display) -> Self {
-        Error::InvalidArgument { field, reason: reason.to_string() }
+        Error::InvalidArgument {
+            field,
+            reason: reason.to_string(),
+        }
     }
     pub fn not_found(what: &'static str, id: impl fmt::Display) -> Self {
-        Error::NotFound { what, id: id.to_string() }
+        Error::NotFound {
+            what,
+            id: id.to_string(),
+        }
     }
     pub fn io(context: impl fmt::Display, source: std::io::Error) -> Self {
-        Error::Io { context: context.to_string(), source }
+        Error::Io {
+            context: context.to_string(),
+            source,
+        }
     }
     /// Wraps an I/O error with the path it happened on, classifying the kinds that mean
     /// "the server is not answering" as Unavailable so callers retry.
@@ -63,7 +72,10 @@ impl Error {
             | BrokenPipe | HostUnreachable | NetworkUnreachable => {
                 Error::Unavailable(format!("{path}: {source}"))
             }
-            _ => Error::Io { context: path.to_string(), source },
+            _ => Error::Io {
+                context: path.to_string(),
+                source,
+            },
         }
     }
 }

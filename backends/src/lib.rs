@@ -19,6 +19,7 @@ pub mod fs;
 pub mod local;
 pub mod locks;
 pub mod mount;
+pub mod nfs;
 pub mod node;
 pub mod params;
 pub mod relpath;
@@ -37,7 +38,7 @@ pub use types::*;
 pub async fn build_controller(config: &Config) -> Result<Arc<dyn ControllerBackend>> {
     Ok(match config {
         Config::Local(c) => Arc::new(local::controller(&c.instances).await?),
-        Config::Nfs(_) => return Err(Error::Unsupported("nfs".into())),
+        Config::Nfs(c) => Arc::new(nfs::controller(&c.instances).await?),
     })
 }
 
@@ -45,6 +46,6 @@ pub async fn build_controller(config: &Config) -> Result<Arc<dyn ControllerBacke
 pub fn build_node(config: &Config) -> Arc<dyn NodeBackend> {
     match config {
         Config::Local(c) => Arc::new(local::LocalNode::new(&c.instances)),
-        Config::Nfs(_) => unimplemented!(),
+        Config::Nfs(_) => Arc::new(nfs::NfsNode),
     }
 }

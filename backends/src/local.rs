@@ -34,7 +34,11 @@ pub async fn controller(instances: &BTreeMap<String, LocalInstance>) -> Result<L
         out.push(Instance {
             name: name.clone(),
             fs: LocalFs::new(&cfg.base_dir),
-            options: DirOptions { attrs: settings.attrs()?, block: cfg.block, max_volume_bytes: settings.max_volume_bytes },
+            options: DirOptions {
+                attrs: settings.attrs()?,
+                block: cfg.block,
+                max_volume_bytes: settings.max_volume_bytes,
+            },
             context: Arc::new(|_| BTreeMap::new()),
         });
     }
@@ -48,12 +52,20 @@ pub struct LocalNode {
 
 impl LocalNode {
     pub fn new(instances: &BTreeMap<String, LocalInstance>) -> Self {
-        LocalNode { bases: instances.iter().map(|(k, v)| (k.clone(), v.base_dir.clone())).collect() }
+        LocalNode {
+            bases: instances
+                .iter()
+                .map(|(k, v)| (k.clone(), v.base_dir.clone()))
+                .collect(),
+        }
     }
 
     fn volume_dir(&self, volume_id: &str) -> Result<PathBuf> {
         let id = VolumeId::parse("volume_id", volume_id)?;
-        let base = self.bases.get(&id.instance).ok_or_else(|| Error::not_found("volume", volume_id))?;
+        let base = self
+            .bases
+            .get(&id.instance)
+            .ok_or_else(|| Error::not_found("volume", volume_id))?;
         Ok(base.join(id.path.as_str()))
     }
 }
@@ -61,7 +73,9 @@ impl LocalNode {
 /// The loop device backed by `file`, if one is attached (read from sysfs, no parsing of
 /// losetup's human output).
 async fn loop_device_for(file: &Path) -> Result<Option<PathBuf>> {
-    let want = tokio::fs::canonicalize(file).await.map_err(|e| Error::io(format!("resolving {}", file.display()), e))?;
+    let want = tokio::fs::canonicalize(file)
+        .await
+        .map_err(|e| Error::io(format!("resolving {}", file.display()), e))?;
     let mut rd = match tokio::fs::read_dir("/sys/block").await {
         Ok(rd) => rd,
         Err(e) => return Err(Error::io("reading /sys/block", e)),
@@ -84,7 +98,12 @@ async fn attach_loop(file: &Path) -> Result<PathBuf> {
     if let Some(dev) = loop_device_for(file).await? {
         return Ok(dev);
     }
-    let out = command::run("losetup", &["--find", "--show", "--", mount::path_str(file)?], SHORT_TIMEOUT).await?;
+    let out = command::run(
+        "losetup",
+        &["--find", "--show", "--", mount::path_str(file)?],
+        SHORT_TIMEOUT,
+    )
+    .await?;
     Ok(PathBuf::from(out.stdout.trim()))
 }
 
@@ -95,7 +114,11 @@ impl NodeBackend for LocalNode {
     }
 
     fn features(&self) -> NodeFeatures {
-        NodeFeatures { expand: true, single_node_multi_writer: true, volume_mount_group: false }
+        NodeFeatures {
+            expand: true,
+            single_node_multi_writer: true,
+            volume_mount_group: false,
+        }
     }
 
     fn topology(&self, node_id: &str) -> BTreeMap<String, String> {
@@ -111,7 +134,10 @@ impl NodeBackend for LocalNode {
         if req.capability.is_block() {
             let img = dir.join(BLOCK_IMAGE);
             if tokio::fs::metadata(&img).await.is_err() {
-                return Err(Error::FailedPrecondition(format!("volume {} is not a block volume", req.volume_id)));
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is not a block volume",
+                    req.volume_id
+                )));
             }
             let target = mount::staged_device(&req.staging_path);
             if mount::mounted_at(&target).await?.is_some() {
@@ -168,7 +194,8 @@ impl NodeBackend for LocalNode {
 
 impl std::fmt::Debug for LocalNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalNode").field("bases", &self.bases).finish()
+        f.debug_struct("LocalNode")
+            .field("bases", &self.bases)
+            .finish()
     }
 }
-

@@ -27,7 +27,11 @@ impl KeyLocks {
             map.entry(key.to_owned()).or_default().clone()
         };
         let guard = m.lock_owned().await;
-        KeyGuard { locks: self, key: key.to_owned(), guard: Some(guard) }
+        KeyGuard {
+            locks: self,
+            key: key.to_owned(),
+            guard: Some(guard),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -44,7 +48,10 @@ impl Drop for KeyGuard<'_> {
         drop(self.guard.take());
         let mut map = self.locks.map.lock().unwrap_or_else(|p| p.into_inner());
         // Only the map holds it now: nobody waits, so the entry can go.
-        if map.get(&self.key).is_some_and(|m| Arc::strong_count(m) == 1) {
+        if map
+            .get(&self.key)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
             map.remove(&self.key);
         }
     }

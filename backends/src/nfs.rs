@@ -68,11 +68,18 @@ pub async fn controller(instances: &BTreeMap<String, NfsInstance>) -> Result<Nfs
         out.push(Instance {
             name: name.clone(),
             fs,
-            options: DirOptions { attrs: settings.attrs()?, block: false, max_volume_bytes: settings.max_volume_bytes },
+            options: DirOptions {
+                attrs: settings.attrs()?,
+                block: false,
+                max_volume_bytes: settings.max_volume_bytes,
+            },
             context: Arc::new(move |path| {
                 let mut ctx = BTreeMap::from([
                     (CTX_SERVER.to_string(), server.clone()),
-                    (CTX_SHARE.to_string(), join_share(&export, &base, path.as_str())),
+                    (
+                        CTX_SHARE.to_string(),
+                        join_share(&export, &base, path.as_str()),
+                    ),
                 ]);
                 if !mount_options.is_empty() {
                     ctx.insert(CTX_MOUNT_OPTIONS.to_string(), mount_options.clone());
@@ -92,11 +99,23 @@ pub struct NfsNode;
 fn mount_options(req: &StageRequest) -> Vec<String> {
     let flags = req.capability.mount_flags();
     let mut opts: Vec<String> = if !flags.is_empty() {
-        flags.iter().flat_map(|f| f.split(',')).map(str::trim).filter(|f| !f.is_empty()).map(String::from).collect()
+        flags
+            .iter()
+            .flat_map(|f| f.split(','))
+            .map(str::trim)
+            .filter(|f| !f.is_empty())
+            .map(String::from)
+            .collect()
     } else {
         req.context
             .get(CTX_MOUNT_OPTIONS)
-            .map(|s| s.split(',').map(str::trim).filter(|f| !f.is_empty()).map(String::from).collect())
+            .map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|f| !f.is_empty())
+                    .map(String::from)
+                    .collect()
+            })
             .unwrap_or_default()
     };
     // mount.nfs otherwise retries in the background for two minutes; we answer now and let the
@@ -109,7 +128,10 @@ fn mount_options(req: &StageRequest) -> Vec<String> {
 
 fn check_option(o: &str) -> Result<()> {
     if o.is_empty() || o.chars().any(|c| c.is_control() || c == ' ') {
-        return Err(Error::invalid("volume_capability.mount.mount_flags", format!("{o:?} is not a mount option")));
+        return Err(Error::invalid(
+            "volume_capability.mount.mount_flags",
+            format!("{o:?} is not a mount option"),
+        ));
     }
     Ok(())
 }
@@ -121,23 +143,45 @@ impl NodeBackend for NfsNode {
     }
 
     fn features(&self) -> NodeFeatures {
-        NodeFeatures { expand: false, single_node_multi_writer: true, volume_mount_group: false }
+        NodeFeatures {
+            expand: false,
+            single_node_multi_writer: true,
+            volume_mount_group: false,
+        }
     }
 
     async fn stage(&self, req: &StageRequest) -> Result<()> {
         if req.capability.is_block() {
-            return Err(Error::invalid("volume_capability", "NFS volumes cannot be used as raw block devices"));
+            return Err(Error::invalid(
+                "volume_capability",
+                "NFS volumes cannot be used as raw block devices",
+            ));
         }
-        let server = req.context.get(CTX_SERVER).filter(|s| !s.is_empty()).ok_or_else(|| {
-            Error::invalid("volume_context", "server is missing (volumes of nfs.stowage.io carry server and share)")
-        })?;
+        let server = req
+            .context
+            .get(CTX_SERVER)
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| {
+                Error::invalid(
+                    "volume_context",
+                    "server is missing (volumes of nfs.stowage.io carry server and share)",
+                )
+            })?;
         let share = req
             .context
             .get(CTX_SHARE)
             .filter(|s| s.starts_with('/'))
-            .ok_or_else(|| Error::invalid("volume_context", "share is missing or not an absolute path"))?;
-        if server.starts_with('-') || server.contains([' ', ',', '\0']) || share.contains(['\0', '\n']) {
-            return Err(Error::invalid("volume_context", "server or share contains characters no NFS path can"));
+            .ok_or_else(|| {
+                Error::invalid("volume_context", "share is missing or not an absolute path")
+            })?;
+        if server.starts_with('-')
+            || server.contains([' ', ',', '\0'])
+            || share.contains(['\0', '\n'])
+        {
+            return Err(Error::invalid(
+                "volume_context",
+                "server or share contains characters no NFS path can",
+            ));
         }
         let opts = mount_options(req);
         for o in &opts {
@@ -155,12 +199,18 @@ impl NodeBackend for NfsNode {
             }
         }
         // IPv6 literals need brackets in the mount source.
-        let host = if server.contains(':') && !server.starts_with('[') { format!("[{server}]") } else { server.clone() };
+        let host = if server.contains(':') && !server.starts_with('[') {
+            format!("[{server}]")
+        } else {
+            server.clone()
+        };
         let source = format!("{host}:{share}");
-        mount::mount(&source, &req.staging_path, "nfs", &opts, MOUNT_TIMEOUT).await.map_err(|e| match e {
-            Error::Internal(msg) => Error::Internal(format!("mounting {source}: {msg}")),
-            other => other,
-        })
+        mount::mount(&source, &req.staging_path, "nfs", &opts, MOUNT_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                Error::Internal(msg) => Error::Internal(format!("mounting {source}: {msg}")),
+                other => other,
+            })
     }
 
     async fn unstage(&self, _volume_id: &str, staging_path: &Path) -> Result<()> {
@@ -174,7 +224,10 @@ mod tests {
 
     #[test]
     fn shares_join_cleanly() {
-        assert_eq!(join_share("/export", "stowage", "pvc-1"), "/export/stowage/pvc-1");
+        assert_eq!(
+            join_share("/export", "stowage", "pvc-1"),
+            "/export/stowage/pvc-1"
+        );
         assert_eq!(join_share("/export/", "", "a/b"), "/export/a/b");
         assert_eq!(join_share("/", "", "v"), "/v");
     }

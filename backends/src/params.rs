@@ -32,7 +32,10 @@ impl OnDelete {
             "delete" => Ok(OnDelete::Delete),
             "retain" => Ok(OnDelete::Retain),
             "archive" => Ok(OnDelete::Archive),
-            other => Err(Error::invalid("parameters.onDelete", format!("{other:?}: expected delete, retain or archive"))),
+            other => Err(Error::invalid(
+                "parameters.onDelete",
+                format!("{other:?}: expected delete, retain or archive"),
+            )),
         }
     }
 }
@@ -63,7 +66,11 @@ impl DirParams {
     pub fn parse(parameters: &BTreeMap<String, String>) -> Result<Self> {
         check_known(parameters, Self::KNOWN)?;
         Ok(DirParams {
-            on_delete: parameters.get(ON_DELETE).map(|s| OnDelete::parse(s)).transpose()?.unwrap_or_default(),
+            on_delete: parameters
+                .get(ON_DELETE)
+                .map(|s| OnDelete::parse(s))
+                .transpose()?
+                .unwrap_or_default(),
             sub_dir: parameters.get(SUB_DIR).filter(|s| !s.is_empty()).cloned(),
         })
     }
@@ -82,19 +89,30 @@ pub fn expand_template(template: &str, parameters: &BTreeMap<String, String>) ->
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| Error::invalid("parameters.subDir", format!("unclosed ${{ in {template:?}")))?;
+        let end = after.find('}').ok_or_else(|| {
+            Error::invalid("parameters.subDir", format!("unclosed ${{ in {template:?}"))
+        })?;
         let var = &after[..end];
         let key = match var {
             "pvc.metadata.name" => PVC_NAME,
             "pvc.metadata.namespace" => PVC_NAMESPACE,
             "pv.metadata.name" => PV_NAME,
-            other => return Err(Error::invalid("parameters.subDir", format!("unknown variable ${{{other}}}"))),
+            other => {
+                return Err(Error::invalid(
+                    "parameters.subDir",
+                    format!("unknown variable ${{{other}}}"),
+                ));
+            }
         };
-        let value = parameters.get(key).filter(|v| !v.is_empty()).ok_or_else(|| {
-            Error::invalid("parameters.subDir", format!("${{{var}}} needs parameter {key}, which the request lacks"))
-        })?;
+        let value = parameters
+            .get(key)
+            .filter(|v| !v.is_empty())
+            .ok_or_else(|| {
+                Error::invalid(
+                    "parameters.subDir",
+                    format!("${{{var}}} needs parameter {key}, which the request lacks"),
+                )
+            })?;
         out.push_str(value);
         rest = &after[end + 1..];
     }
@@ -107,21 +125,37 @@ mod tests {
     use super::*;
 
     fn p(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
     fn expands_templates() {
         let params = p(&[(PVC_NAME, "data"), (PVC_NAMESPACE, "db")]);
-        assert_eq!(expand_template("${pvc.metadata.namespace}-${pvc.metadata.name}", &params).unwrap(), "db-data");
-        assert!(expand_template("${pv.metadata.name}", &params).unwrap_err().to_string().contains(PV_NAME));
+        assert_eq!(
+            expand_template("${pvc.metadata.namespace}-${pvc.metadata.name}", &params).unwrap(),
+            "db-data"
+        );
+        assert!(
+            expand_template("${pv.metadata.name}", &params)
+                .unwrap_err()
+                .to_string()
+                .contains(PV_NAME)
+        );
         assert!(expand_template("${nope}", &params).is_err());
         assert!(expand_template("${pvc.metadata.name", &params).is_err());
     }
 
     #[test]
     fn refuses_unknown_and_bad_values() {
-        assert!(DirParams::parse(&p(&[("onDelete", "archive"), ("csi.storage.k8s.io/pvc/name", "x")])).is_ok());
+        assert!(
+            DirParams::parse(&p(&[
+                ("onDelete", "archive"),
+                ("csi.storage.k8s.io/pvc/name", "x")
+            ]))
+            .is_ok()
+        );
         let e = DirParams::parse(&p(&[("ondelete", "retain")])).unwrap_err();
         assert!(e.to_string().contains("ondelete"));
         let e = DirParams::parse(&p(&[("onDelete", "keep")])).unwrap_err();

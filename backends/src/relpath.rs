@@ -61,13 +61,25 @@ fn check_component(field: &'static str, comp: &str) -> Result<()> {
         return Err(Error::invalid(field, "has an empty path component"));
     }
     if comp == "." || comp == ".." {
-        return Err(Error::invalid(field, "must not contain '.' or '..' components"));
+        return Err(Error::invalid(
+            field,
+            "must not contain '.' or '..' components",
+        ));
     }
     if comp.len() > MAX_COMPONENT {
-        return Err(Error::invalid(field, format!("path component longer than {MAX_COMPONENT} bytes")));
+        return Err(Error::invalid(
+            field,
+            format!("path component longer than {MAX_COMPONENT} bytes"),
+        ));
     }
-    if comp.chars().any(|c| c == '\0' || c.is_control() || c == '/' || c == '\\') {
-        return Err(Error::invalid(field, "contains NUL, a control character or a backslash"));
+    if comp
+        .chars()
+        .any(|c| c == '\0' || c.is_control() || c == '/' || c == '\\')
+    {
+        return Err(Error::invalid(
+            field,
+            "contains NUL, a control character or a backslash",
+        ));
     }
     Ok(())
 }
@@ -90,14 +102,26 @@ mod tests {
 
     #[test]
     fn accepts_plain_paths() {
-        assert_eq!(RelPath::parse("p", "a/b-c_d.e").unwrap().as_str(), "a/b-c_d.e");
-        assert_eq!(RelPath::parse("p", "a/b").unwrap().parent().unwrap().as_str(), "a");
+        assert_eq!(
+            RelPath::parse("p", "a/b-c_d.e").unwrap().as_str(),
+            "a/b-c_d.e"
+        );
+        assert_eq!(
+            RelPath::parse("p", "a/b")
+                .unwrap()
+                .parent()
+                .unwrap()
+                .as_str(),
+            "a"
+        );
         assert_eq!(RelPath::parse("p", "a/b").unwrap().file_name(), "b");
     }
 
     #[test]
     fn refuses_escapes() {
-        for bad in ["", "/etc", "a/../b", "..", ".", "a//b", "a/", "a\0b", "a\\b", "a\nb"] {
+        for bad in [
+            "", "/etc", "a/../b", "..", ".", "a//b", "a/", "a\0b", "a\\b", "a\nb",
+        ] {
             let err = RelPath::parse("volume_id", bad).unwrap_err();
             assert!(err.to_string().contains("volume_id"), "{bad:?}: {err}");
         }

@@ -19,19 +19,28 @@ pub enum AccessMode {
 
 impl AccessMode {
     pub fn is_read_only(self) -> bool {
-        matches!(self, AccessMode::SingleNodeReaderOnly | AccessMode::MultiNodeReaderOnly)
+        matches!(
+            self,
+            AccessMode::SingleNodeReaderOnly | AccessMode::MultiNodeReaderOnly
+        )
     }
     pub fn is_multi_node(self) -> bool {
         matches!(
             self,
-            AccessMode::MultiNodeReaderOnly | AccessMode::MultiNodeSingleWriter | AccessMode::MultiNodeMultiWriter
+            AccessMode::MultiNodeReaderOnly
+                | AccessMode::MultiNodeSingleWriter
+                | AccessMode::MultiNodeMultiWriter
         )
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AccessType {
-    Mount { fs_type: String, mount_flags: Vec<String>, volume_mount_group: String },
+    Mount {
+        fs_type: String,
+        mount_flags: Vec<String>,
+        volume_mount_group: String,
+    },
     Block,
 }
 
@@ -71,7 +80,9 @@ impl Secrets {
 
 impl fmt::Debug for Secrets {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.0.keys().map(|k| (k, "***"))).finish()
+        f.debug_map()
+            .entries(self.0.keys().map(|k| (k, "***")))
+            .finish()
     }
 }
 
@@ -86,7 +97,11 @@ pub struct CapacityRange {
 impl CapacityRange {
     /// The size to allocate: the minimum asked for, else `default`, clamped to the limit.
     pub fn choose(&self, default: u64) -> u64 {
-        let want = if self.required > 0 { self.required } else { default };
+        let want = if self.required > 0 {
+            self.required
+        } else {
+            default
+        };
         match self.limit {
             Some(l) if l > 0 && want > l => l,
             _ => want,

@@ -23,9 +23,15 @@ pub struct VolumeId {
 impl VolumeId {
     pub fn new(instance: &str, path: RelPath) -> Result<Self> {
         check_instance("instance", instance)?;
-        let id = VolumeId { instance: instance.to_owned(), path };
+        let id = VolumeId {
+            instance: instance.to_owned(),
+            path,
+        };
         if id.to_string().len() > MAX_ID_LEN {
-            return Err(Error::invalid("volume_id", format!("longer than {MAX_ID_LEN} bytes")));
+            return Err(Error::invalid(
+                "volume_id",
+                format!("longer than {MAX_ID_LEN} bytes"),
+            ));
         }
         Ok(id)
     }
@@ -36,29 +42,44 @@ impl VolumeId {
             return Err(Error::invalid(field, "must not be empty"));
         }
         if s.len() > MAX_ID_LEN {
-            return Err(Error::invalid(field, format!("longer than {MAX_ID_LEN} bytes")));
+            return Err(Error::invalid(
+                field,
+                format!("longer than {MAX_ID_LEN} bytes"),
+            ));
         }
+        // Without the separator it is not an ID Stowage made: it names nothing (NOT_FOUND, which
+        // makes DeleteVolume of it succeed), rather than a malformed request.
         let Some((instance, rest)) = s.split_once('/') else {
-            return Err(Error::invalid(field, "is not a Stowage ID (expected <instance>/<volume>)"));
+            return Err(Error::not_found(field, s));
         };
         check_instance(field, instance)?;
         let path = RelPath::parse(field, rest)?;
         if path.components().any(|c| c.starts_with('.')) {
-            return Err(Error::invalid(field, "path components must not start with '.'"));
+            return Err(Error::invalid(
+                field,
+                "path components must not start with '.'",
+            ));
         }
-        Ok(VolumeId { instance: instance.to_owned(), path })
+        Ok(VolumeId {
+            instance: instance.to_owned(),
+            path,
+        })
     }
 }
 
 fn check_instance(field: &'static str, s: &str) -> Result<()> {
     let ok = !s.is_empty()
         && s.len() <= MAX_INSTANCE_LEN
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
         && !s.starts_with('-');
     if ok {
         Ok(())
     } else {
-        Err(Error::invalid(field, format!("instance name must be 1-{MAX_INSTANCE_LEN} of [a-z0-9-_]")))
+        Err(Error::invalid(
+            field,
+            format!("instance name must be 1-{MAX_INSTANCE_LEN} of [a-z0-9-_]"),
+        ))
     }
 }
 
@@ -93,11 +114,28 @@ mod tests {
     }
 
     #[test]
+    fn ids_that_are_not_ours_name_nothing() {
+        assert!(matches!(
+            VolumeId::parse("volume_id", "some-vol-id"),
+            Err(Error::NotFound { .. })
+        ));
+    }
+
+    #[test]
     fn refuses_bad_ids() {
         let long = format!("main/{}", "a".repeat(200));
         for bad in [
-            "", "novolume", "/abs", "main/../x", "main/a/../../b", "Main/x", "main/.stowage/x",
-            "main/a\0b", "main/", "-x/y", long.as_str(), "main//x",
+            "",
+            "/abs",
+            "main/../x",
+            "main/a/../../b",
+            "Main/x",
+            "main/.stowage/x",
+            "main/a\0b",
+            "main/",
+            "-x/y",
+            long.as_str(),
+            "main//x",
         ] {
             let err = VolumeId::parse("volume_id", bad).unwrap_err();
             assert!(err.to_string().contains("volume_id"), "{bad:?}: {err}");

@@ -71,7 +71,9 @@ impl Fs for LocalFs {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 return match self.stat(path).await? {
                     Some(st) if st.kind == FileKind::Dir => Ok(false),
-                    _ => Err(Error::FailedPrecondition(format!("{path} exists and is not a directory"))),
+                    _ => Err(Error::FailedPrecondition(format!(
+                        "{path} exists and is not a directory"
+                    ))),
                 };
             }
             Err(e) => return Err(Error::io_at(p.display(), e)),
@@ -87,23 +89,37 @@ impl Fs for LocalFs {
             .map_err(|e| Error::io_at(p.display(), e))?;
         if attrs.uid.is_some() || attrs.gid.is_some() {
             let p2 = p.clone();
-            tokio::task::spawn_blocking(move || std::os::unix::fs::lchown(&p2, attrs.uid, attrs.gid))
-                .await
-                .map_err(|e| Error::Internal(e.to_string()))?
-                .map_err(|e| Error::io_at(p.display(), e))?;
+            tokio::task::spawn_blocking(move || {
+                std::os::unix::fs::lchown(&p2, attrs.uid, attrs.gid)
+            })
+            .await
+            .map_err(|e| Error::Internal(e.to_string()))?
+            .map_err(|e| Error::io_at(p.display(), e))?;
         }
         Ok(())
     }
 
     async fn read_dir(&self, path: &RelPath) -> Result<Vec<DirEntry>> {
         let p = self.host_path(path);
-        let mut rd = tokio::fs::read_dir(&p).await.map_err(|e| Error::io_at(p.display(), e))?;
+        let mut rd = tokio::fs::read_dir(&p)
+            .await
+            .map_err(|e| Error::io_at(p.display(), e))?;
         let mut out = Vec::new();
-        while let Some(e) = rd.next_entry().await.map_err(|e| Error::io_at(p.display(), e))? {
-            let ft = e.file_type().await.map_err(|e| Error::io_at(p.display(), e))?;
+        while let Some(e) = rd
+            .next_entry()
+            .await
+            .map_err(|e| Error::io_at(p.display(), e))?
+        {
+            let ft = e
+                .file_type()
+                .await
+                .map_err(|e| Error::io_at(p.display(), e))?;
             // Names that are not UTF-8 cannot be represented as RelPath; keep them by lossy
             // name only for listing, which makes copies/deletes of them fail loudly.
-            out.push(DirEntry { name: e.file_name().to_string_lossy().into_owned(), kind: kind_of(ft) });
+            out.push(DirEntry {
+                name: e.file_name().to_string_lossy().into_owned(),
+                kind: kind_of(ft),
+            });
         }
         Ok(out)
     }
@@ -132,9 +148,15 @@ impl Fs for LocalFs {
             .open(&p)
             .await
             .map_err(|e| Error::io_at(p.display(), e))?;
-        f.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| Error::io_at(p.display(), e))?;
+        f.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| Error::io_at(p.display(), e))?;
         let mut buf = Vec::with_capacity(len as usize);
-        (&mut f).take(len as u64).read_to_end(&mut buf).await.map_err(|e| Error::io_at(p.display(), e))?;
+        (&mut f)
+            .take(len as u64)
+            .read_to_end(&mut buf)
+            .await
+            .map_err(|e| Error::io_at(p.display(), e))?;
         Ok(buf)
     }
 
@@ -146,9 +168,15 @@ impl Fs for LocalFs {
             .open(&p)
             .await
             .map_err(|e| Error::io_at(p.display(), e))?;
-        f.seek(std::io::SeekFrom::Start(offset)).await.map_err(|e| Error::io_at(p.display(), e))?;
-        f.write_all(data).await.map_err(|e| Error::io_at(p.display(), e))?;
-        f.sync_data().await.map_err(|e| Error::io_at(p.display(), e))?;
+        f.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| Error::io_at(p.display(), e))?;
+        f.write_all(data)
+            .await
+            .map_err(|e| Error::io_at(p.display(), e))?;
+        f.sync_data()
+            .await
+            .map_err(|e| Error::io_at(p.display(), e))?;
         Ok(())
     }
 
@@ -160,23 +188,31 @@ impl Fs for LocalFs {
             .open(&p)
             .await
             .map_err(|e| Error::io_at(p.display(), e))?;
-        f.set_len(len).await.map_err(|e| Error::io_at(p.display(), e))
+        f.set_len(len)
+            .await
+            .map_err(|e| Error::io_at(p.display(), e))
     }
 
     async fn symlink(&self, target: &str, path: &RelPath) -> Result<()> {
         let p = self.host_path(path);
-        tokio::fs::symlink(target, &p).await.map_err(|e| Error::io_at(p.display(), e))
+        tokio::fs::symlink(target, &p)
+            .await
+            .map_err(|e| Error::io_at(p.display(), e))
     }
 
     async fn read_link(&self, path: &RelPath) -> Result<String> {
         let p = self.host_path(path);
-        let t = tokio::fs::read_link(&p).await.map_err(|e| Error::io_at(p.display(), e))?;
+        let t = tokio::fs::read_link(&p)
+            .await
+            .map_err(|e| Error::io_at(p.display(), e))?;
         Ok(t.to_string_lossy().into_owned())
     }
 
     async fn rename(&self, from: &RelPath, to: &RelPath) -> Result<()> {
         let (f, t) = (self.host_path(from), self.host_path(to));
-        tokio::fs::rename(&f, &t).await.map_err(|e| Error::io_at(format!("{} -> {}", f.display(), t.display()), e))
+        tokio::fs::rename(&f, &t)
+            .await
+            .map_err(|e| Error::io_at(format!("{} -> {}", f.display(), t.display()), e))
     }
 
     async fn remove_file(&self, path: &RelPath) -> Result<bool> {
@@ -215,4 +251,3 @@ impl Fs for LocalFs {
         }
     }
 }
-

@@ -9,6 +9,7 @@
 //! symlinks found inside a volume.
 
 pub mod local;
+pub mod nfs;
 
 use async_trait::async_trait;
 
@@ -59,7 +60,11 @@ pub struct DirAttrs {
 
 impl Default for DirAttrs {
     fn default() -> Self {
-        DirAttrs { mode: 0o777, uid: None, gid: None }
+        DirAttrs {
+            mode: 0o777,
+            uid: None,
+            gid: None,
+        }
     }
 }
 
@@ -129,7 +134,11 @@ pub trait Fs: Send + Sync + 'static {
     /// Writes a whole file so that readers see either the old or the new content: a temporary
     /// sibling, then a rename over the target.
     async fn write_file_atomic(&self, path: &RelPath, data: &[u8]) -> Result<()> {
-        let tmp_name = format!(".{}.tmp-{}", path.file_name(), uuid::Uuid::new_v4().simple());
+        let tmp_name = format!(
+            ".{}.tmp-{}",
+            path.file_name(),
+            uuid::Uuid::new_v4().simple()
+        );
         let tmp = match path.parent() {
             Some(p) => p.join(&tmp_name)?,
             None => RelPath::component("path", &tmp_name)?,
@@ -150,7 +159,9 @@ pub trait Fs: Send + Sync + 'static {
 
     /// Removes a tree depth-first without following symlinks. Missing → `Ok(false)`.
     async fn remove_all(&self, path: &RelPath) -> Result<bool> {
-        let Some(st) = self.stat(path).await? else { return Ok(false) };
+        let Some(st) = self.stat(path).await? else {
+            return Ok(false);
+        };
         if st.kind != FileKind::Dir {
             return self.remove_file(path).await;
         }
@@ -190,7 +201,11 @@ pub trait Fs: Send + Sync + 'static {
         };
         let mut stack = vec![(from.clone(), to.clone(), root)];
         while let Some((src, dst, st)) = stack.pop() {
-            let attrs = DirAttrs { mode: st.mode & 0o7777, uid: Some(st.uid), gid: Some(st.gid) };
+            let attrs = DirAttrs {
+                mode: st.mode & 0o7777,
+                uid: Some(st.uid),
+                gid: Some(st.gid),
+            };
             match st.kind {
                 FileKind::Dir => {
                     self.mkdir(&dst, attrs).await?;

@@ -26,7 +26,13 @@ pub async fn mounted_at(path: &Path) -> Result<Option<MountEntry>> {
 }
 
 /// `mount -t fstype -o options source target`, bounded by `timeout`.
-pub async fn mount(source: &str, target: &Path, fs_type: &str, options: &[String], timeout: Duration) -> Result<()> {
+pub async fn mount(
+    source: &str,
+    target: &Path,
+    fs_type: &str,
+    options: &[String],
+    timeout: Duration,
+) -> Result<()> {
     let mut args: Vec<String> = Vec::new();
     if !fs_type.is_empty() {
         args.extend(["-t".into(), fs_type.into()]);
@@ -57,7 +63,11 @@ pub async fn unmount(target: &Path) -> Result<()> {
             return Ok(());
         }
         let dead = matches!(probe(target).await, Probe::Dead(_));
-        let args: Vec<&str> = if dead { vec!["-l", path_str(target)?] } else { vec![path_str(target)?] };
+        let args: Vec<&str> = if dead {
+            vec!["-l", path_str(target)?]
+        } else {
+            vec![path_str(target)?]
+        };
         let out = command::run_status("umount", &args, MOUNT_TIMEOUT).await?;
         if out.status != 0 && mounted_at(target).await?.is_some() {
             return Err(Error::Internal(format!(
@@ -82,7 +92,11 @@ pub enum Probe {
 /// Stats `path` off the async threads, bounded: a hung NFS server can block stat forever.
 pub async fn probe(path: &Path) -> Probe {
     let p = path.to_path_buf();
-    let res = tokio::time::timeout(Duration::from_secs(10), tokio::task::spawn_blocking(move || std::fs::metadata(p))).await;
+    let res = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || std::fs::metadata(p)),
+    )
+    .await;
     match res {
         Err(_) => Probe::Dead("stat timed out after 10s".into()),
         Ok(Err(e)) => Probe::Dead(e.to_string()),
@@ -93,12 +107,15 @@ pub async fn probe(path: &Path) -> Probe {
 }
 
 pub fn path_str(p: &Path) -> Result<&str> {
-    p.to_str().ok_or_else(|| Error::invalid("path", format!("{} is not UTF-8", p.display())))
+    p.to_str()
+        .ok_or_else(|| Error::invalid("path", format!("{} is not UTF-8", p.display())))
 }
 
 /// Creates the directory (and parents) a mount goes on.
 pub async fn ensure_dir(p: &Path) -> Result<()> {
-    tokio::fs::create_dir_all(p).await.map_err(|e| Error::io(format!("creating {}", p.display()), e))
+    tokio::fs::create_dir_all(p)
+        .await
+        .map_err(|e| Error::io(format!("creating {}", p.display()), e))
 }
 
 /// Creates an empty file to bind a device node onto.
@@ -106,10 +123,19 @@ pub async fn ensure_file(p: &Path) -> Result<()> {
     if let Some(parent) = p.parent() {
         ensure_dir(parent).await?;
     }
-    match tokio::fs::OpenOptions::new().write(true).create(true).truncate(false).open(p).await {
+    match tokio::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(p)
+        .await
+    {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => {
-            Err(Error::FailedPrecondition(format!("{} is a directory; a block volume needs a file", p.display())))
+            Err(Error::FailedPrecondition(format!(
+                "{} is a directory; a block volume needs a file",
+                p.display()
+            )))
         }
         Err(e) => Err(Error::io(format!("creating {}", p.display()), e)),
     }
@@ -123,7 +149,11 @@ pub fn staged_device(staging: &Path) -> PathBuf {
 /// Default publish: bind the staged directory (or staged device node) onto the target.
 pub async fn publish_bind(req: &PublishRequest) -> Result<()> {
     let block = req.capability.is_block();
-    let source = if block { staged_device(&req.staging_path) } else { req.staging_path.clone() };
+    let source = if block {
+        staged_device(&req.staging_path)
+    } else {
+        req.staging_path.clone()
+    };
     if mounted_at(&source).await?.is_none() {
         return Err(Error::FailedPrecondition(format!(
             "volume {} is not staged at {}",
@@ -152,7 +182,13 @@ pub async fn publish_bind(req: &PublishRequest) -> Result<()> {
     } else {
         ensure_dir(&req.target_path).await?;
     }
-    bind(&source, &req.target_path, req.readonly, req.capability.mount_flags()).await
+    bind(
+        &source,
+        &req.target_path,
+        req.readonly,
+        req.capability.mount_flags(),
+    )
+    .await
 }
 
 /// Default unpublish: unmount, then remove the mount point (a file for block volumes).
@@ -171,7 +207,11 @@ pub async fn remove_mount_point(p: &Path) -> Result<()> {
             Err(e) => Err(Error::io(format!("removing {}", p.display()), e)),
         },
         Ok(_) => tokio::fs::remove_file(p).await.or_else(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(Error::io(format!("removing {}", p.display()), e)) }
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(Error::io(format!("removing {}", p.display()), e))
+            }
         }),
     }
 }
@@ -182,15 +222,30 @@ pub async fn path_stats(path: &Path) -> Result<VolumeStats> {
     match probe(path).await {
         Probe::Missing => return Err(Error::not_found("volume path", path.display())),
         Probe::Dead(why) => {
-            return Ok(VolumeStats { abnormal: Some(format!("volume at {} does not answer: {why}", path.display())), ..Default::default() });
+            return Ok(VolumeStats {
+                abnormal: Some(format!(
+                    "volume at {} does not answer: {why}",
+                    path.display()
+                )),
+                ..Default::default()
+            });
         }
         Probe::Alive => {}
     }
-    let md = tokio::fs::metadata(path).await.map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+    let md = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
     use std::os::unix::fs::FileTypeExt;
     if md.file_type().is_block_device() {
         let size = block_device_size(path).await?;
-        return Ok(VolumeStats { usage: Usage { total_bytes: size, ..Default::default() }, is_block: true, abnormal: None });
+        return Ok(VolumeStats {
+            usage: Usage {
+                total_bytes: size,
+                ..Default::default()
+            },
+            is_block: true,
+            abnormal: None,
+        });
     }
     let abnormal = match mounted_at(path).await? {
         Some(_) => None,
@@ -221,6 +276,10 @@ pub async fn path_stats(path: &Path) -> Result<VolumeStats> {
 /// Size of a block device: seeking to the end works for any device node without ioctls.
 pub async fn block_device_size(path: &Path) -> Result<u64> {
     use tokio::io::AsyncSeekExt;
-    let mut f = tokio::fs::File::open(path).await.map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    f.seek(std::io::SeekFrom::End(0)).await.map_err(|e| Error::io(format!("sizing {}", path.display()), e))
+    let mut f = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+    f.seek(std::io::SeekFrom::End(0))
+        .await
+        .map_err(|e| Error::io(format!("sizing {}", path.display()), e))
 }

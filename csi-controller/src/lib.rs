@@ -1,0 +1,25 @@
+//! The Stowage CSI controller plugin: Identity, Controller and Stowage's own `stowage.v1`
+//! service (Recycle) over one socket, for one backend. It never mounts anything; it talks to
+//! storage through the backend's API client.
+
+pub mod controller;
+pub mod stowage;
+
+use std::sync::Arc;
+
+use stowage_backends::ControllerBackend;
+use stowage_csi::identity::IdentityService;
+use stowage_csi::stowage_v1::stowage_server::StowageServer;
+use stowage_csi::v1::controller_server::ControllerServer;
+use stowage_csi::v1::identity_server::IdentityServer;
+use tonic::service::Routes;
+
+/// All services of the controller plugin, ready to serve.
+pub fn routes(backend: Arc<dyn ControllerBackend>) -> Routes {
+    let identity = IdentityService::new(backend.driver_name(), true);
+    Routes::new(IdentityServer::new(identity))
+        .add_service(ControllerServer::new(controller::ControllerService::new(
+            backend.clone(),
+        )))
+        .add_service(StowageServer::new(stowage::StowageService::new(backend)))
+}

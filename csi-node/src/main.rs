@@ -1,0 +1,54 @@
+//! `stowage-node`: serves one backend's CSI node plugin.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use stowage_csi::endpoint::Endpoint;
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Stowage CSI node plugin (Identity + Node)")]
+struct Args {
+    /// Where to serve: unix:///path/csi.sock (or tcp://host:port, e.g. inside a test VM).
+    #[arg(
+        long,
+        env = "CSI_ENDPOINT",
+        default_value = "unix:///var/lib/kubelet/plugins/stowage/csi.sock"
+    )]
+    endpoint: String,
+    /// Backend configuration (YAML); see examples/.
+    #[arg(long, env = "STOWAGE_CONFIG")]
+    config: PathBuf,
+    /// This node's name as the CO knows it (Kubernetes: spec.nodeName).
+    #[arg(long, env = "NODE_ID")]
+    node_id: String,
+    /// Most volumes of this driver one node may hold (0 = no limit).
+    #[arg(long, env = "STOWAGE_MAX_VOLUMES", default_value_t = 0)]
+    max_volumes: i64,
+    /// Log format: text or json.
+    #[arg(long, env = "STOWAGE_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    stowage_csi::logging::init(&args.log_format)?;
+    anyhow::ensure!(
+        !args.node_id.trim().is_empty(),
+        "--node-id must not be empty"
+    );
+    anyhow::ensure!(args.max_volumes >= 0, "--max-volumes must not be negative");
+    let endpoint = Endpoint::parse(&args.endpoint).context("--endpoint")?;
+    let config = stowage_backends::Config::load(&args.config)?;
+    let backend = stowage_backends::build_node(&config);
+    tracing::info!(driver = backend.driver_name(), node_id = %args.node_id, %endpoint, "stowage-node serving");
+    stowage_csi::serve::serve(
+        &endpoint,
+        stowage_node::routes(backend, args.node_id, args.max_volumes),
+        stowage_csi::serve::shutdown_signal(),
+    )
+    .await?;
+    tracing::info!("stowage-node stopped");
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! The Identity service, the same for controller and node plugins.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tonic::{Request, Response, Status};
+
+use crate::v1;
+use crate::v1::plugin_capability::{Service, VolumeExpansion, service, volume_expansion};
+
+#[derive(Clone)]
+pub struct IdentityService {
+    driver: String,
+    /// Advertise CONTROLLER_SERVICE and topology (controller plugins).
+    controller: bool,
+    expansion_online: bool,
+    topology: bool,
+    ready: Arc<AtomicBool>,
+}
+
+impl IdentityService {
+    pub fn new(driver: impl Into<String>, controller: bool) -> Self {
+        IdentityService {
+            driver: driver.into(),
+            controller,
+            expansion_online: true,
+            topology: false,
+            ready: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    pub fn with_topology(mut self, on: bool) -> Self {
+        self.topology = on;
+        self
+    }
+
+    /// Probe answers ready=false until this flag is set (backends still connecting).
+    pub fn readiness(&self) -> Arc<AtomicBool> {
+        self.ready.clone()
+    }
+}
+
+#[tonic::async_trait]
+impl v1::identity_server::Identity for IdentityService {
+    async fn get_plugin_info(
+        &self,
+        _: Request<v1::GetPluginInfoRequest>,
+    ) -> Result<Response<v1::GetPluginInfoResponse>, Status> {
+        Ok(Response::new(v1::GetPluginInfoResponse {
+            name: self.driver.clone(),
+            vendor_version: env!("CARGO_PKG_VERSION").to_string(),
+            manifest: Default::default(),
+        }))
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<v1::GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<v1::GetPluginCapabilitiesResponse>, Status> {
+        let mut caps = Vec::new();
+        let svc = |t: service::Type| v1::PluginCapability {
+            r#type: Some(v1::plugin_capability::Type::Service(Service {
+                r#type: t as i32,
+            })),
+        };
+        if self.controller {
+            caps.push(svc(service::Type::ControllerService));
+        }
+        if self.topology {
+            caps.push(svc(service::Type::VolumeAccessibilityConstraints));
+        }
+        if self.expansion_online {
+            caps.push(v1::PluginCapability {
+                r#type: Some(v1::plugin_capability::Type::VolumeExpansion(
+                    VolumeExpansion {
+                        r#type: volume_expansion::Type::Online as i32,
+                    },
+                )),
+            });
+        }
+        Ok(Response::new(v1::GetPluginCapabilitiesResponse {
+            capabilities: caps,
+        }))
+    }
+
+    async fn probe(
+        &self,
+        _: Request<v1::ProbeRequest>,
+    ) -> Result<Response<v1::ProbeResponse>, Status> {
+        Ok(Response::new(v1::ProbeResponse {
+            ready: Some(self.ready.load(Ordering::Relaxed)),
+        }))
+    }
+}

@@ -1,0 +1,226 @@
+//! Test harness: starts the real `stowage-controller` / `stowage-node` binaries with a config,
+//! waits for their sockets, and hands out gRPC clients. Processes are killed on drop, so a
+//! failing test leaves nothing running.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use stowage_csi::endpoint::Endpoint;
+use stowage_csi::stowage_v1::stowage_client::StowageClient;
+use stowage_csi::v1::controller_client::ControllerClient;
+use stowage_csi::v1::identity_client::IdentityClient;
+use stowage_csi::v1::node_client::NodeClient;
+use tonic::transport::Channel;
+
+/// Directory holding the workspace's binaries (the test executable lives in `deps/` below it).
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("STOWAGE_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.ends_with("deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or(dir)
+    } else {
+        dir
+    }
+}
+
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let p = bin_dir().join(name);
+    if !p.exists() {
+        bail!(
+            "{} not found: build the workspace binaries first (cargo build --workspace --bins)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+pub fn is_root() -> bool {
+    rustix::process::geteuid().is_root()
+}
+
+/// A running plugin process.
+pub struct Plugin {
+    pub child: Child,
+    pub endpoint: Endpoint,
+    pub log: PathBuf,
+}
+
+impl Plugin {
+    /// Starts `stowage-controller` on a unix socket in `dir`.
+    pub fn controller(dir: &Path, config: &Path) -> Result<Plugin> {
+        let sock = dir.join("controller.sock");
+        Self::spawn(
+            "stowage-controller",
+            dir,
+            &format!("unix://{}", sock.display()),
+            &["--config", &config.to_string_lossy()],
+        )
+    }
+
+    /// Starts `stowage-node` on a unix socket in `dir`.
+    pub fn node(dir: &Path, config: &Path, node_id: &str) -> Result<Plugin> {
+        let sock = dir.join("node.sock");
+        Self::spawn(
+            "stowage-node",
+            dir,
+            &format!("unix://{}", sock.display()),
+            &["--config", &config.to_string_lossy(), "--node-id", node_id],
+        )
+    }
+
+    pub fn spawn(binary: &str, dir: &Path, endpoint: &str, args: &[&str]) -> Result<Plugin> {
+        let log = dir.join(format!("{binary}.log"));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = Command::new(bin(binary)?)
+            .arg("--endpoint")
+            .arg(endpoint)
+            .args(args)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {binary}"))?;
+        let endpoint = Endpoint::parse(endpoint)?;
+        Ok(Plugin {
+            child,
+            endpoint,
+            log,
+        })
+    }
+
+    /// Waits (bounded) until the plugin answers Probe.
+    pub async fn ready(&mut self) -> Result<Channel> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "plugin exited with {status} before it was ready; log:\n{}",
+                    self.log_text()
+                );
+            }
+            if let Ok(ch) = stowage_csi::client::connect(&self.endpoint).await {
+                let mut id = IdentityClient::new(ch.clone());
+                if id.probe(stowage_csi::v1::ProbeRequest {}).await.is_ok() {
+                    return Ok(ch);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("plugin not ready within 30s; log:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait (bounded) for a graceful exit; returns whether it exited in time.
+    /// Async so that the caller's runtime keeps driving its client connections (which must
+    /// answer the server's GOAWAY for the drain to finish early).
+    pub async fn terminate(&mut self) -> bool {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32);
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.kill();
+        false
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct Clients {
+    pub identity: IdentityClient<Channel>,
+    pub controller: ControllerClient<Channel>,
+    pub stowage: StowageClient<Channel>,
+}
+
+pub fn controller_clients(ch: Channel) -> Clients {
+    Clients {
+        identity: IdentityClient::new(ch.clone()),
+        controller: ControllerClient::new(ch.clone()),
+        stowage: StowageClient::new(ch),
+    }
+}
+
+pub fn node_client(ch: Channel) -> NodeClient<Channel> {
+    NodeClient::new(ch)
+}
+
+/// A local-backend config rooted at `base`.
+pub fn local_config(dir: &Path, base: &Path) -> Result<PathBuf> {
+    let cfg = dir.join("local.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "backend: local\ninstances:\n  default:\n    baseDir: {}\n",
+            base.display()
+        ),
+    )?;
+    Ok(cfg)
+}
+
+pub mod wire {
+    //! Small builders for CSI messages used across tests.
+    use stowage_csi::v1;
+    use stowage_csi::v1::volume_capability::access_mode::Mode;
+
+    pub fn mount_cap(mode: Mode) -> v1::VolumeCapability {
+        v1::VolumeCapability {
+            access_type: Some(v1::volume_capability::AccessType::Mount(Default::default())),
+            access_mode: Some(v1::volume_capability::AccessMode { mode: mode as i32 }),
+        }
+    }
+
+    pub fn block_cap(mode: Mode) -> v1::VolumeCapability {
+        v1::VolumeCapability {
+            access_type: Some(v1::volume_capability::AccessType::Block(Default::default())),
+            access_mode: Some(v1::volume_capability::AccessMode { mode: mode as i32 }),
+        }
+    }
+
+    pub fn rwo() -> v1::VolumeCapability {
+        mount_cap(Mode::SingleNodeWriter)
+    }
+
+    pub fn create(name: &str, bytes: i64) -> v1::CreateVolumeRequest {
+        v1::CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(v1::CapacityRange {
+                required_bytes: bytes,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![rwo()],
+            ..Default::default()
+        }
+    }
+}
