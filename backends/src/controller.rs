@@ -20,6 +20,8 @@ pub struct ControllerFeatures {
     pub publish: bool,
     pub capacity: bool,
     pub single_node_multi_writer: bool,
+    /// ControllerModifyVolume with mutable parameters (VolumeAttributesClass).
+    pub modify: bool,
 }
 
 /// What a ControllerExpandVolume did.
@@ -90,6 +92,28 @@ pub trait ControllerBackend: Send + Sync + 'static {
     ) -> Result<Page<Snapshot>> {
         let _ = (filter, start, max);
         Err(Error::Unsupported("snapshots".into()))
+    }
+
+    /// Refuses mutable parameters the backend cannot change (CreateVolume and ModifyVolume).
+    fn check_mutable_parameters(&self, mutable: &BTreeMap<String, String>) -> Result<()> {
+        match mutable.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(Error::invalid(
+                "mutable_parameters",
+                format!("{k:?} cannot be changed on this backend"),
+            )),
+        }
+    }
+
+    /// Changes mutable parameters of an existing volume.
+    async fn modify_volume(
+        &self,
+        volume_id: &str,
+        mutable: &BTreeMap<String, String>,
+        secrets: &Secrets,
+    ) -> Result<()> {
+        let _ = (volume_id, mutable, secrets);
+        Err(Error::Unsupported("volume modification".into()))
     }
 
     /// Scrubs a volume's contents so it can be handed to a new claim (Stowage's Recycle).

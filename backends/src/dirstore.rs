@@ -500,6 +500,7 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
             publish: false,
             capacity: true,
             single_node_multi_writer: true,
+            modify: true,
         }
     }
 
@@ -533,6 +534,7 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
     async fn create_volume(&self, req: &CreateVolume) -> Result<Volume> {
         let inst = self.choose_instance(&req.parameters)?;
         let p = params::DirParams::parse(&req.parameters)?;
+        params::check_mutable(&req.mutable_parameters)?;
         self.prepare(inst).await?;
         self.check_capabilities(&req.capabilities)?;
         let block = Self::wants_block(&req.capabilities);
@@ -903,6 +905,30 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
             .map(|s| (s.id.clone(), s))
             .collect();
         paginate(&all, start, max)
+    }
+
+    fn check_mutable_parameters(&self, mutable: &BTreeMap<String, String>) -> Result<()> {
+        params::check_mutable(mutable)
+    }
+
+    async fn modify_volume(
+        &self,
+        volume_id: &str,
+        mutable: &BTreeMap<String, String>,
+        _secrets: &Secrets,
+    ) -> Result<()> {
+        params::check_mutable(mutable)?;
+        let Some((inst, id)) = self.parse_id("volume_id", volume_id)? else {
+            return Err(Error::not_found("volume", volume_id));
+        };
+        let key = hash_hex(id.path.as_str(), 40);
+        let _guard = self.locks.lock(&format!("{}/{}", inst.name, key)).await;
+        let mut meta = Self::load_volume(inst, &id.path)
+            .await?
+            .ok_or_else(|| Error::not_found("volume", volume_id))?;
+        meta.parameters
+            .extend(mutable.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Self::write_json(&inst.fs, &Self::meta_path(&id.path)?, &meta).await
     }
 
     async fn recycle_volume(&self, volume_id: &str, _secrets: &Secrets) -> Result<()> {

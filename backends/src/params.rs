@@ -76,6 +76,24 @@ impl DirParams {
     }
 }
 
+/// Mutable parameters of the directory backends: only the delete policy can change.
+pub const MUTABLE: &[&str] = &[ON_DELETE];
+
+pub fn check_mutable(mutable: &BTreeMap<String, String>) -> Result<()> {
+    for (k, v) in mutable {
+        if !MUTABLE.contains(&k.as_str()) {
+            return Err(Error::invalid(
+                "mutable_parameters",
+                format!("{k:?} is not mutable (mutable: {})", MUTABLE.join(", ")),
+            ));
+        }
+        if k == ON_DELETE {
+            OnDelete::parse(v)?;
+        }
+    }
+    Ok(())
+}
+
 /// Keys kept with a volume's metadata (so DeleteVolume knows onDelete): all but secret refs.
 pub fn is_stored(key: &str) -> bool {
     !key.contains("secret")

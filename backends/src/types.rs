@@ -124,6 +124,8 @@ pub struct CreateVolume {
     pub capacity: CapacityRange,
     pub capabilities: Vec<Capability>,
     pub parameters: BTreeMap<String, String>,
+    /// VolumeAttributesClass parameters; validated by `check_mutable_parameters`.
+    pub mutable_parameters: BTreeMap<String, String>,
     pub secrets: Secrets,
     pub source: Option<ContentSource>,
     /// Preferred/required topology segments, most preferred first.

@@ -46,6 +46,12 @@ impl ControllerService {
         if f.single_node_multi_writer {
             out.push(Rpc::SingleNodeMultiWriter);
         }
+        if f.modify {
+            out.push(Rpc::ModifyVolume);
+        }
+        if f.snapshots {
+            out.push(Rpc::GetSnapshot);
+        }
         out
     }
 
@@ -115,6 +121,7 @@ impl v1::controller_server::Controller for ControllerService {
             capacity,
             capabilities,
             parameters: convert::to_btree(&r.parameters),
+            mutable_parameters: convert::to_btree(&r.mutable_parameters),
             secrets: convert::secrets(&r.secrets),
             source,
             topology,
@@ -356,11 +363,25 @@ impl v1::controller_server::Controller for ControllerService {
 
     async fn get_snapshot(
         &self,
-        _: Request<v1::GetSnapshotRequest>,
+        req: Request<v1::GetSnapshotRequest>,
     ) -> Result<Response<v1::GetSnapshotResponse>, Status> {
-        Err(Status::unimplemented(
-            "GetSnapshot (alpha) is not offered; use ListSnapshots with snapshot_id",
-        ))
+        self.require_feature(self.backend.features().snapshots, "snapshots")?;
+        let r = req.into_inner();
+        Span::current().record("snapshot_id", r.snapshot_id.as_str());
+        require("snapshot_id", &r.snapshot_id)?;
+        let filter = SnapshotFilter {
+            snapshot_id: Some(r.snapshot_id.clone()),
+            source_volume_id: None,
+        };
+        let missing = || Status::not_found(format!("snapshot {} not found", r.snapshot_id));
+        let page = match self.backend.list_snapshots(&filter, None, 1).await {
+            Err(Error::NotFound { .. }) => return Err(missing()),
+            other => other?,
+        };
+        let snap = page.items.first().ok_or_else(missing)?;
+        Ok(Response::new(v1::GetSnapshotResponse {
+            snapshot: Some(convert::snapshot_to_wire(snap)),
+        }))
     }
 
     async fn controller_expand_volume(
@@ -412,10 +433,18 @@ impl v1::controller_server::Controller for ControllerService {
 
     async fn controller_modify_volume(
         &self,
-        _: Request<v1::ControllerModifyVolumeRequest>,
+        req: Request<v1::ControllerModifyVolumeRequest>,
     ) -> Result<Response<v1::ControllerModifyVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerModifyVolume: no mutable parameters are offered",
-        ))
+        self.require_feature(self.backend.features().modify, "ControllerModifyVolume")?;
+        let r = req.into_inner();
+        Span::current().record("volume_id", r.volume_id.as_str());
+        require("volume_id", &r.volume_id)?;
+        let mutable = convert::to_btree(&r.mutable_parameters);
+        self.backend.check_mutable_parameters(&mutable)?;
+        self.backend
+            .modify_volume(&r.volume_id, &mutable, &convert::secrets(&r.secrets))
+            .await?;
+        tracing::info!(parameters = ?mutable.keys().collect::<Vec<_>>(), "volume modified");
+        Ok(Response::new(v1::ControllerModifyVolumeResponse {}))
     }
 }

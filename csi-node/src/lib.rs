@@ -12,7 +12,7 @@ use stowage_csi::v1::node_server::NodeServer;
 use tonic::service::Routes;
 
 pub fn routes(backend: Arc<dyn NodeBackend>, node_id: String, max_volumes: i64) -> Routes {
-    let identity = IdentityService::new(backend.driver_name(), false);
+    let identity = IdentityService::new(backend.driver_name(), true);
     Routes::new(IdentityServer::new(identity)).add_service(NodeServer::new(node::NodeService::new(
         backend,
         node_id,

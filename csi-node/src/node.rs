@@ -54,6 +54,18 @@ fn path_field(field: &'static str, p: &str) -> Result<PathBuf, Status> {
     Ok(path.to_path_buf())
 }
 
+/// A path that must name an existing volume mount: a relative path cannot, so it is NOT_FOUND
+/// (what csi-sanity expects), while `..` and NUL stay INVALID_ARGUMENT.
+fn existing_path_field(field: &'static str, p: &str) -> Result<PathBuf, Status> {
+    require(field, p)?;
+    if !Path::new(p).is_absolute() && !p.contains('\0') && !p.split('/').any(|c| c == "..") {
+        return Err(Status::not_found(format!(
+            "{field} {p:?} is not a volume path on this node"
+        )));
+    }
+    path_field(field, p)
+}
+
 /// The volume ID must be one Stowage could have made; anything else names no volume here.
 fn volume_id_field(id: &str) -> Result<(), Status> {
     require("volume_id", id)?;
@@ -89,13 +101,14 @@ impl v1::node_server::Node for NodeService {
         let r = req.into_inner();
         Span::current().record("volume_id", r.volume_id.as_str());
         tracing::debug!(request = %r.redacted(), "NodeStageVolume");
-        volume_id_field(&r.volume_id)?;
+        require("volume_id", &r.volume_id)?;
         let staging_path = path_field("staging_target_path", &r.staging_target_path)?;
         let cap = r
             .volume_capability
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
         let capability = convert::capability("volume_capability", cap)?;
+        volume_id_field(&r.volume_id)?;
         let _g = self.locks.lock(&r.volume_id).await;
         let started = std::time::Instant::now();
         self.backend
@@ -140,7 +153,7 @@ impl v1::node_server::Node for NodeService {
         let r = req.into_inner();
         Span::current().record("volume_id", r.volume_id.as_str());
         tracing::debug!(request = %r.redacted(), "NodePublishVolume");
-        volume_id_field(&r.volume_id)?;
+        require("volume_id", &r.volume_id)?;
         let target_path = path_field("target_path", &r.target_path)?;
         let cap = r
             .volume_capability
@@ -148,6 +161,7 @@ impl v1::node_server::Node for NodeService {
             .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
         let capability = convert::capability("volume_capability", cap)?;
         let staging_path = path_field("staging_target_path", &r.staging_target_path)?;
+        volume_id_field(&r.volume_id)?;
         let _g = self.locks.lock(&r.volume_id).await;
         if capability.access_mode == AccessMode::SingleNodeSingleWriter {
             let source = if capability.is_block() {
@@ -199,8 +213,9 @@ impl v1::node_server::Node for NodeService {
     ) -> Result<Response<v1::NodeGetVolumeStatsResponse>, Status> {
         let r = req.into_inner();
         Span::current().record("volume_id", r.volume_id.as_str());
+        require("volume_id", &r.volume_id)?;
+        let path = existing_path_field("volume_path", &r.volume_path)?;
         volume_id_field(&r.volume_id)?;
-        let path = path_field("volume_path", &r.volume_path)?;
         let stats = self.backend.stats(&r.volume_id, &path).await?;
         use v1::volume_usage::Unit;
         let u = stats.usage;
@@ -242,8 +257,9 @@ impl v1::node_server::Node for NodeService {
     ) -> Result<Response<v1::NodeExpandVolumeResponse>, Status> {
         let r = req.into_inner();
         Span::current().record("volume_id", r.volume_id.as_str());
+        require("volume_id", &r.volume_id)?;
+        let path = existing_path_field("volume_path", &r.volume_path)?;
         volume_id_field(&r.volume_id)?;
-        let path = path_field("volume_path", &r.volume_path)?;
         if matches!(mount::probe(&path).await, mount::Probe::Missing) {
             return Err(Status::not_found(format!(
                 "volume_path {} does not exist",

@@ -11,7 +11,8 @@ use crate::v1::plugin_capability::{Service, VolumeExpansion, service, volume_exp
 #[derive(Clone)]
 pub struct IdentityService {
     driver: String,
-    /// Advertise CONTROLLER_SERVICE and topology (controller plugins).
+    /// Advertise CONTROLLER_SERVICE. Both plugins of a driver say so: the capability describes
+    /// the driver, and COs and csi-sanity ask whichever endpoint they hold.
     controller: bool,
     expansion_online: bool,
     topology: bool,

