@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the tests need on Debian 12: packages (apt-get) and Go tools (go install), each
+# only when missing. Idempotent; caches outside the checkout (~/.cache/stowage).
+set -euo pipefail
+cache=${STOWAGE_CACHE:-$HOME/.cache/stowage}
+mkdir -p "$cache/bin"
+pkgs=(nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils nfs-common fuse3 busybox-static xfsprogs
+      e2fsprogs iproute2 util-linux cpio qemu-system-x86 python3 openssl procps psmisc kmod)
+missing=()
+for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v go >/dev/null || { echo "go is required (Go 1.26 is preinstalled on these machines)"; exit 1; }
+if [ ! -x "$cache/bin/csi-sanity" ]; then
+  echo "go install csi-sanity v5.5.0"
+  GOBIN="$cache/bin" go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.5.0
+fi
+command -v cargo >/dev/null || { echo "cargo is required (Rust 1.95 is preinstalled)"; exit 1; }
+echo "dependencies ready"
