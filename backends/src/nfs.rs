@@ -15,6 +15,7 @@ use crate::command::MOUNT_TIMEOUT;
 use crate::config::NfsInstance;
 use crate::dirstore::{DirBackend, DirOptions, Instance};
 use crate::error::{Error, Result};
+use crate::fs::lazy::Lazy;
 use crate::fs::nfs::{NfsFs, NfsOptions};
 use crate::mount::{self, Probe};
 use crate::node::{NodeBackend, NodeFeatures, StageRequest};
@@ -26,7 +27,7 @@ pub const CTX_SERVER: &str = "server";
 pub const CTX_SHARE: &str = "share";
 pub const CTX_MOUNT_OPTIONS: &str = "mountOptions";
 
-pub type NfsController = DirBackend<NfsFs>;
+pub type NfsController = DirBackend<Lazy<NfsFs>>;
 
 fn join_share(export: &str, base: &str, path: &str) -> String {
     let mut s = export.trim_end_matches('/').to_string();
@@ -42,7 +43,7 @@ fn join_share(export: &str, base: &str, path: &str) -> String {
 pub async fn controller(instances: &BTreeMap<String, NfsInstance>) -> Result<NfsController> {
     let mut out = Vec::new();
     for (name, cfg) in instances {
-        let fs = NfsFs::connect(NfsOptions {
+        let opts = NfsOptions {
             server: cfg.server.clone(),
             export: cfg.export.clone(),
             base_dir: cfg.base_dir.clone(),
@@ -53,8 +54,10 @@ pub async fn controller(instances: &BTreeMap<String, NfsInstance>) -> Result<Nfs
             privileged_port: cfg.privileged_port,
             pool_size: 4,
             timeout: Duration::from_secs(cfg.timeout_secs.max(1)),
-        })
-        .await?;
+        };
+        // Connect on first use: a server that is down when the controller starts must not
+        // keep the controller from starting (it answers UNAVAILABLE until the server is back).
+        let fs = Lazy::new(move || NfsFs::connect(opts.clone()));
         let settings = cfg.dir_settings();
         let (server, export, base) = (cfg.server.clone(), cfg.export.clone(), cfg.base_dir.clone());
         let mount_options = cfg.mount_options.join(",");

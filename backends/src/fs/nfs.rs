@@ -485,10 +485,7 @@ impl Inner {
             }
             walked.push_str(comp);
             let shown = format!("{}/{walked}", self.opts.export.trim_end_matches('/'));
-            let found = self
-                .lookup_in(&cur, comp, &shown)
-                .await
-                .map_err(|e| self.setup_err(e))?;
+            let found = self.lookup_in(&cur, comp, &shown).await.map_err(|e| self.setup_err(e))?;
             cur = match found {
                 Some((fh, attrs)) => {
                     if attrs.is_some_and(|a| a.type_ != ftype3::NF3DIR) {
@@ -533,11 +530,7 @@ impl Inner {
         if let Some(fh) = made {
             return Ok(fh);
         }
-        match self
-            .lookup_in(dir, name, shown)
-            .await
-            .map_err(|e| self.setup_err(e))?
-        {
+        match self.lookup_in(dir, name, shown).await.map_err(|e| self.setup_err(e))? {
             Some((fh, _)) => Ok(fh),
             None => Err(Error::Internal(format!(
                 "{}: base_dir {shown} vanished right after MKDIR",
@@ -1237,7 +1230,7 @@ impl AsyncRead for Conn {
             match self.0.try_read(buf) {
                 // The crate's read_exact treats 0 as "try again" and would spin forever on a
                 // closed connection; end of stream has to be an error here.
-                Ok(0) if false => {
+                Ok(0) if false && !buf.is_empty() => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "connection closed by the server",
