@@ -16,6 +16,7 @@ pub mod controller;
 pub mod dirstore;
 pub mod error;
 pub mod fs;
+pub mod group;
 pub mod local;
 pub mod locks;
 pub mod mount;

@@ -3,6 +3,7 @@
 //! storage through the backend's API client.
 
 pub mod controller;
+pub mod group;
 pub mod stowage;
 
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use stowage_backends::ControllerBackend;
 use stowage_csi::identity::IdentityService;
 use stowage_csi::stowage_v1::stowage_server::StowageServer;
 use stowage_csi::v1::controller_server::ControllerServer;
+use stowage_csi::v1::group_controller_server::GroupControllerServer;
 use stowage_csi::v1::identity_server::IdentityServer;
 use tonic::service::Routes;
 

@@ -198,7 +198,7 @@ pub fn snapshot_to_wire(s: &Snapshot) -> v1::Snapshot {
             nanos: since.subsec_nanos() as i32,
         }),
         ready_to_use: s.ready,
-        group_snapshot_id: String::new(),
+        group_snapshot_id: stowage_backends::group::group_of(&s.id).unwrap_or_default(),
     }
 }
 

@@ -16,6 +16,7 @@ pub struct IdentityService {
     controller: bool,
     expansion_online: bool,
     topology: bool,
+    group_controller: bool,
     ready: Arc<AtomicBool>,
 }
 
@@ -26,8 +27,15 @@ impl IdentityService {
             controller,
             expansion_online: true,
             topology: false,
+            group_controller: false,
             ready: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    /// Advertise GROUP_CONTROLLER_SERVICE (volume group snapshots).
+    pub fn with_group_controller(mut self, on: bool) -> Self {
+        self.group_controller = on;
+        self
     }
 
     pub fn with_topology(mut self, on: bool) -> Self {
@@ -66,6 +74,9 @@ impl v1::identity_server::Identity for IdentityService {
         };
         if self.controller {
             caps.push(svc(service::Type::ControllerService));
+        }
+        if self.group_controller {
+            caps.push(svc(service::Type::GroupControllerService));
         }
         if self.topology {
             caps.push(svc(service::Type::VolumeAccessibilityConstraints));
