@@ -181,6 +181,14 @@ impl Config {
         })
     }
 
+    /// Whether the backend's controller offers snapshots (and so group snapshots). Node
+    /// plugins need it too: plugin capabilities describe the driver, whichever endpoint is asked.
+    pub fn offers_snapshots(&self) -> bool {
+        match self {
+            Config::Local(_) | Config::Nfs(_) => true,
+        }
+    }
+
     pub fn driver_name(&self) -> &'static str {
         match self {
             Config::Local(_) => crate::local::DRIVER,

@@ -55,7 +55,9 @@ async fn members(backend: &dyn ControllerBackend, group_id: &str) -> Result<Vec<
     let mut out = Vec::new();
     let mut token: Option<String> = None;
     loop {
-        let page = backend.list_snapshots(&SnapshotFilter::default(), token.as_deref(), 0).await?;
+        let page = backend
+            .list_snapshots(&SnapshotFilter::default(), token.as_deref(), 0)
+            .await?;
         out.extend(page.items.into_iter().filter(|s| s.id.starts_with(&prefix)));
         match page.next_token {
             Some(t) => token = Some(t),
@@ -65,9 +67,18 @@ async fn members(backend: &dyn ControllerBackend, group_id: &str) -> Result<Vec<
 }
 
 fn group(id: String, snapshots: Vec<Snapshot>) -> GroupSnapshot {
-    let created = snapshots.iter().map(|s| s.created).min().unwrap_or_else(SystemTime::now);
+    let created = snapshots
+        .iter()
+        .map(|s| s.created)
+        .min()
+        .unwrap_or_else(SystemTime::now);
     let ready = snapshots.iter().all(|s| s.ready);
-    GroupSnapshot { id, snapshots, created, ready }
+    GroupSnapshot {
+        id,
+        snapshots,
+        created,
+        ready,
+    }
 }
 
 pub async fn create(
@@ -81,7 +92,10 @@ pub async fn create(
         return Err(Error::invalid("name", "is required"));
     }
     if source_volume_ids.is_empty() {
-        return Err(Error::invalid("source_volume_ids", "at least one volume is required"));
+        return Err(Error::invalid(
+            "source_volume_ids",
+            "at least one volume is required",
+        ));
     }
     let mut instance: Option<String> = None;
     for v in source_volume_ids {
@@ -89,7 +103,10 @@ pub async fn create(
         match &instance {
             None => instance = Some(id.instance.clone()),
             Some(i) if *i != id.instance => {
-                return Err(Error::invalid("source_volume_ids", "all volumes of a group must be on one backend instance"));
+                return Err(Error::invalid(
+                    "source_volume_ids",
+                    "all volumes of a group must be on one backend instance",
+                ));
             }
             _ => {}
         }
@@ -107,13 +124,19 @@ pub async fn create(
         // A group is complete when every wanted member exists; a partial one (a crash midway) is
         // completed below, but members of other volumes mean the name is taken.
         if have.iter().any(|v| !wanted.contains(v)) {
-            return Err(Error::AlreadyExists(format!("group snapshot {name:?} exists with other volumes")));
+            return Err(Error::AlreadyExists(format!(
+                "group snapshot {name:?} exists with other volumes"
+            )));
         }
     }
     let mut snaps = Vec::new();
     for v in wanted {
         let member_name = format!("grp-{}-{}", h(name, 24), h(v, 16));
-        snaps.push(backend.create_snapshot(&member_name, v, parameters, secrets).await?);
+        snaps.push(
+            backend
+                .create_snapshot(&member_name, v, parameters, secrets)
+                .await?,
+        );
     }
     Ok(group(gid, snaps))
 }
@@ -127,7 +150,11 @@ pub async fn get(backend: &dyn ControllerBackend, group_id: &str) -> Result<Grou
     Ok(group(group_id.to_owned(), snaps))
 }
 
-pub async fn delete(backend: &dyn ControllerBackend, group_id: &str, secrets: &Secrets) -> Result<()> {
+pub async fn delete(
+    backend: &dyn ControllerBackend,
+    group_id: &str,
+    secrets: &Secrets,
+) -> Result<()> {
     match parse_group(group_id) {
         Ok(_) => {}
         Err(Error::NotFound { .. }) => return Ok(()),
@@ -150,6 +177,9 @@ mod tests {
         assert_eq!(group_of(&m).as_deref(), Some(g.as_str()));
         assert_eq!(group_of("default/snap-1"), None);
         assert!(parse_group(&g).is_ok());
-        assert!(matches!(parse_group("default/nope"), Err(Error::NotFound { .. })));
+        assert!(matches!(
+            parse_group("default/nope"),
+            Err(Error::NotFound { .. })
+        ));
     }
 }

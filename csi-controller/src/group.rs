@@ -20,11 +20,17 @@ impl GroupControllerService {
 }
 
 fn to_wire(g: &GroupSnapshot) -> v1::VolumeGroupSnapshot {
-    let since = g.created.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let since = g
+        .created
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     v1::VolumeGroupSnapshot {
         group_snapshot_id: g.id.clone(),
         snapshots: g.snapshots.iter().map(convert::snapshot_to_wire).collect(),
-        creation_time: Some(prost_types::Timestamp { seconds: since.as_secs() as i64, nanos: since.subsec_nanos() as i32 }),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: since.as_secs() as i64,
+            nanos: since.subsec_nanos() as i32,
+        }),
         ready_to_use: g.ready,
     }
 }
@@ -38,7 +44,9 @@ impl v1::group_controller_server::GroupController for GroupControllerService {
         use v1::group_controller_service_capability::{Rpc, Type, rpc};
         Ok(Response::new(v1::GroupControllerGetCapabilitiesResponse {
             capabilities: vec![v1::GroupControllerServiceCapability {
-                r#type: Some(Type::Rpc(Rpc { r#type: rpc::Type::CreateDeleteGetVolumeGroupSnapshot as i32 })),
+                r#type: Some(Type::Rpc(Rpc {
+                    r#type: rpc::Type::CreateDeleteGetVolumeGroupSnapshot as i32,
+                })),
             }],
         }))
     }
@@ -62,7 +70,9 @@ impl v1::group_controller_server::GroupController for GroupControllerService {
         )
         .await?;
         tracing::info!(group_snapshot_id = %g.id, members = g.snapshots.len(), "group snapshot ready");
-        Ok(Response::new(v1::CreateVolumeGroupSnapshotResponse { group_snapshot: Some(to_wire(&g)) }))
+        Ok(Response::new(v1::CreateVolumeGroupSnapshotResponse {
+            group_snapshot: Some(to_wire(&g)),
+        }))
     }
 
     async fn delete_volume_group_snapshot(
@@ -72,7 +82,13 @@ impl v1::group_controller_server::GroupController for GroupControllerService {
         let r = req.into_inner();
         Span::current().record("snapshot_id", r.group_snapshot_id.as_str());
         require("group_snapshot_id", &r.group_snapshot_id)?;
-        match group::delete(self.backend.as_ref(), &r.group_snapshot_id, &convert::secrets(&r.secrets)).await {
+        match group::delete(
+            self.backend.as_ref(),
+            &r.group_snapshot_id,
+            &convert::secrets(&r.secrets),
+        )
+        .await
+        {
             Ok(()) | Err(stowage_backends::Error::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
         }
@@ -87,6 +103,8 @@ impl v1::group_controller_server::GroupController for GroupControllerService {
         Span::current().record("snapshot_id", r.group_snapshot_id.as_str());
         require("group_snapshot_id", &r.group_snapshot_id)?;
         let g = group::get(self.backend.as_ref(), &r.group_snapshot_id).await?;
-        Ok(Response::new(v1::GetVolumeGroupSnapshotResponse { group_snapshot: Some(to_wire(&g)) }))
+        Ok(Response::new(v1::GetVolumeGroupSnapshotResponse {
+            group_snapshot: Some(to_wire(&g)),
+        }))
     }
 }

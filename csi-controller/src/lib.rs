@@ -18,10 +18,16 @@ use tonic::service::Routes;
 
 /// All services of the controller plugin, ready to serve.
 pub fn routes(backend: Arc<dyn ControllerBackend>) -> Routes {
-    let identity = IdentityService::new(backend.driver_name(), true);
-    Routes::new(IdentityServer::new(identity))
-        .add_service(ControllerServer::new(controller::ControllerService::new(
-            backend.clone(),
-        )))
-        .add_service(StowageServer::new(stowage::StowageService::new(backend)))
+    // Group snapshots are built on single-volume snapshots: offered wherever those are.
+    let groups = backend.features().snapshots;
+    let identity = IdentityService::new(backend.driver_name(), true).with_group_controller(groups);
+    let mut routes = Routes::new(IdentityServer::new(identity)).add_service(ControllerServer::new(
+        controller::ControllerService::new(backend.clone()),
+    ));
+    if groups {
+        routes = routes.add_service(GroupControllerServer::new(
+            group::GroupControllerService::new(backend.clone()),
+        ));
+    }
+    routes.add_service(StowageServer::new(stowage::StowageService::new(backend)))
 }

@@ -11,8 +11,14 @@ use stowage_csi::v1::identity_server::IdentityServer;
 use stowage_csi::v1::node_server::NodeServer;
 use tonic::service::Routes;
 
-pub fn routes(backend: Arc<dyn NodeBackend>, node_id: String, max_volumes: i64) -> Routes {
-    let identity = IdentityService::new(backend.driver_name(), true);
+pub fn routes(
+    backend: Arc<dyn NodeBackend>,
+    node_id: String,
+    max_volumes: i64,
+    group_snapshots: bool,
+) -> Routes {
+    let identity =
+        IdentityService::new(backend.driver_name(), true).with_group_controller(group_snapshots);
     Routes::new(IdentityServer::new(identity)).add_service(NodeServer::new(node::NodeService::new(
         backend,
         node_id,

@@ -45,7 +45,12 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(driver = backend.driver_name(), node_id = %args.node_id, %endpoint, "stowage-node serving");
     stowage_csi::serve::serve(
         &endpoint,
-        stowage_node::routes(backend, args.node_id, args.max_volumes),
+        stowage_node::routes(
+            backend,
+            args.node_id,
+            args.max_volumes,
+            config.offers_snapshots(),
+        ),
         stowage_csi::serve::shutdown_signal(),
     )
     .await?;

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use nfs3_client::Nfs3ConnectionBuilder;
-use nfs3_client::nfs3_types::nfs3::{MKDIR3args, Nfs3Result, RMDIR3args, diropargs3, filename3, sattr3};
+use nfs3_client::nfs3_types::nfs3::{
+    MKDIR3args, Nfs3Result, RMDIR3args, diropargs3, filename3, sattr3,
+};
 use nfs3_client::nfs3_types::rpc::{auth_unix, opaque_auth};
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use nfs3_client::tokio::TokioConnector;
@@ -23,21 +25,49 @@ fn env(k: &str) -> Result<String> {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
 async fn stowage_pairs(n: usize, c: &mut stowage_tests::Clients) -> Result<Duration> {
     let t = Instant::now();
     for i in 0..n {
-        let v = c.controller.create_volume(wire::create(&format!("bench-{i}"), 1 << 20)).await?.into_inner().volume.context("no volume")?;
-        c.controller.delete_volume(v1::DeleteVolumeRequest { volume_id: v.volume_id, ..Default::default() }).await?;
+        let v = c
+            .controller
+            .create_volume(wire::create(&format!("bench-{i}"), 1 << 20))
+            .await?
+            .into_inner()
+            .volume
+            .context("no volume")?;
+        c.controller
+            .delete_volume(v1::DeleteVolumeRequest {
+                volume_id: v.volume_id,
+                ..Default::default()
+            })
+            .await?;
     }
     Ok(t.elapsed())
 }
 
-async fn raw_pairs(n: usize, server: &str, export: &str, port: u16, mount_port: u16, base: &str) -> Result<Duration> {
-    let cred = opaque_auth::auth_unix(&auth_unix { stamp: 0, machinename: Opaque::borrowed(b"bench"), uid: 0, gid: 0, gids: vec![0] });
+async fn raw_pairs(
+    n: usize,
+    server: &str,
+    export: &str,
+    port: u16,
+    mount_port: u16,
+    base: &str,
+) -> Result<Duration> {
+    let cred = opaque_auth::auth_unix(&auth_unix {
+        stamp: 0,
+        machinename: Opaque::borrowed(b"bench"),
+        uid: 0,
+        gid: 0,
+        gids: vec![0],
+    });
     let mut conn = Nfs3ConnectionBuilder::new(TokioConnector, server, export)
         .connect_from_privileged_port(false)
         .nfs3_port(port)
@@ -49,8 +79,17 @@ async fn raw_pairs(n: usize, server: &str, export: &str, port: u16, mount_port: 
     let root = conn.root_nfs_fh3();
     // The same parent as Stowage's volumes, looked up once (as a long-lived client would).
     let parent = {
-        let args = nfs3_client::nfs3_types::nfs3::LOOKUP3args { what: diropargs3 { dir: root.clone(), name: filename3(Opaque::borrowed(base.as_bytes())) } };
-        match conn.lookup(&args).await.map_err(|e| anyhow::anyhow!("LOOKUP: {e:?}"))? {
+        let args = nfs3_client::nfs3_types::nfs3::LOOKUP3args {
+            what: diropargs3 {
+                dir: root.clone(),
+                name: filename3(Opaque::borrowed(base.as_bytes())),
+            },
+        };
+        match conn
+            .lookup(&args)
+            .await
+            .map_err(|e| anyhow::anyhow!("LOOKUP: {e:?}"))?
+        {
             Nfs3Result::Ok(ok) => ok.object,
             Nfs3Result::Err((st, _)) => anyhow::bail!("LOOKUP {base}: {st:?}"),
         }
@@ -58,12 +97,31 @@ async fn raw_pairs(n: usize, server: &str, export: &str, port: u16, mount_port: 
     let t = Instant::now();
     for i in 0..n {
         let name = format!("raw-{i}");
-        let mk = MKDIR3args { where_: diropargs3 { dir: parent.clone(), name: filename3(Opaque::borrowed(name.as_bytes())) }, attributes: sattr3::default() };
-        if let Nfs3Result::Err((st, _)) = conn.mkdir(&mk).await.map_err(|e| anyhow::anyhow!("MKDIR: {e:?}"))? {
+        let mk = MKDIR3args {
+            where_: diropargs3 {
+                dir: parent.clone(),
+                name: filename3(Opaque::borrowed(name.as_bytes())),
+            },
+            attributes: sattr3::default(),
+        };
+        if let Nfs3Result::Err((st, _)) = conn
+            .mkdir(&mk)
+            .await
+            .map_err(|e| anyhow::anyhow!("MKDIR: {e:?}"))?
+        {
             anyhow::bail!("MKDIR {name}: {st:?}");
         }
-        let rm = RMDIR3args { object: diropargs3 { dir: parent.clone(), name: filename3(Opaque::borrowed(name.as_bytes())) } };
-        if let Nfs3Result::Err((st, _)) = conn.rmdir(&rm).await.map_err(|e| anyhow::anyhow!("RMDIR: {e:?}"))? {
+        let rm = RMDIR3args {
+            object: diropargs3 {
+                dir: parent.clone(),
+                name: filename3(Opaque::borrowed(name.as_bytes())),
+            },
+        };
+        if let Nfs3Result::Err((st, _)) = conn
+            .rmdir(&rm)
+            .await
+            .map_err(|e| anyhow::anyhow!("RMDIR: {e:?}"))?
+        {
             anyhow::bail!("RMDIR {name}: {st:?}");
         }
     }
@@ -72,7 +130,11 @@ async fn raw_pairs(n: usize, server: &str, export: &str, port: u16, mount_port: 
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let n: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(200);
+    let n: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(200);
     let (server, export) = (env("STOWAGE_NFS_SERVER")?, env("STOWAGE_NFS_EXPORT")?);
     let port: u16 = env("STOWAGE_NFS_PORT")?.parse()?;
     let mount_port: u16 = env("STOWAGE_NFS_MOUNT_PORT")?.parse()?;
@@ -81,7 +143,9 @@ async fn main() -> Result<()> {
     let cfg = work.path().join("nfs.yaml");
     std::fs::write(
         &cfg,
-        format!("backend: nfs\ninstances:\n  main:\n    server: {server}\n    export: {export}\n    baseDir: {base}\n    nfsPort: {port}\n    mountPort: {mount_port}\n"),
+        format!(
+            "backend: nfs\ninstances:\n  main:\n    server: {server}\n    export: {export}\n    baseDir: {base}\n    nfsPort: {port}\n    mountPort: {mount_port}\n"
+        ),
     )?;
     let mut ctl = Plugin::controller(work.path(), &cfg)?;
     let mut c = controller_clients(ctl.ready().await?);
@@ -110,10 +174,18 @@ async fn main() -> Result<()> {
     let idle_node = rss_kib(node.child.id());
 
     println!("NFS backend against nfs-ganesha, {done} pairs each, {rounds} alternating rounds");
-    println!("  stowage CreateVolume+DeleteVolume (gRPC, metadata, atomic rename): {s_rate:8.1} pairs/s  ({:.2} ms/pair)", 1e3 / s_rate);
-    println!("  raw nfs3_client MKDIR+RMDIR (one connection, no bookkeeping):      {r_rate:8.1} pairs/s  ({:.2} ms/pair)", 1e3 / r_rate);
+    println!(
+        "  stowage CreateVolume+DeleteVolume (gRPC, metadata, atomic rename): {s_rate:8.1} pairs/s  ({:.2} ms/pair)",
+        1e3 / s_rate
+    );
+    println!(
+        "  raw nfs3_client MKDIR+RMDIR (one connection, no bookkeeping):      {r_rate:8.1} pairs/s  ({:.2} ms/pair)",
+        1e3 / r_rate
+    );
     println!("  ratio stowage/raw: {:.3}", s_rate / r_rate);
-    println!("  RSS stowage-controller: idle {idle_ctl} KiB, after the run {busy_ctl} KiB; stowage-node idle {idle_node} KiB");
+    println!(
+        "  RSS stowage-controller: idle {idle_ctl} KiB, after the run {busy_ctl} KiB; stowage-node idle {idle_node} KiB"
+    );
     ctl.terminate().await;
     node.terminate().await;
     Ok(())
