@@ -7,7 +7,8 @@ use async_trait::async_trait;
 
 use crate::error::{Error, Result};
 use crate::types::{
-    Capability, CapacityRange, CreateVolume, Page, Secrets, Snapshot, SnapshotFilter, Volume,
+    Capability, CapacityRange, CreateVolume, NodeInfo, Page, Secrets, Snapshot, SnapshotFilter,
+    Volume,
 };
 
 /// Optional controller features, advertised through ControllerGetCapabilities.
@@ -137,5 +138,19 @@ pub trait ControllerBackend: Send + Sync + 'static {
     async fn controller_unpublish(&self, volume_id: &str, node_id: &str) -> Result<()> {
         let _ = (volume_id, node_id);
         Err(Error::Unsupported("controller unpublish".into()))
+    }
+
+    /// Nodes the volume is published to (ControllerGetVolume).
+    async fn published_nodes(&self, volume_id: &str) -> Result<Vec<String>> {
+        let _ = volume_id;
+        Ok(Vec::new())
+    }
+
+    /// Records a node plugin (called by the node plugin at start, through the backend's own
+    /// storage, since it has no channel to the controller). Backends that do not track nodes
+    /// accept and ignore it.
+    async fn register_node(&self, node: &NodeInfo) -> Result<()> {
+        let _ = node;
+        Ok(())
     }
 }

@@ -29,8 +29,8 @@ use crate::locks::KeyLocks;
 use crate::params::{self, OnDelete};
 use crate::relpath::RelPath;
 use crate::types::{
-    AccessType, Capability, CapacityRange, ContentSource, CreateVolume, Page, Secrets, Snapshot,
-    SnapshotFilter, Volume,
+    AccessType, Capability, CapacityRange, ContentSource, CreateVolume, NodeInfo, Page, Secrets,
+    Snapshot, SnapshotFilter, Volume,
 };
 use crate::volume_id::VolumeId;
 
@@ -87,6 +87,9 @@ struct VolumeMeta {
     #[serde(default)]
     parameters: BTreeMap<String, String>,
     created: u64,
+    /// ControllerPublish records: node ID → published read-only.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    published: BTreeMap<String, bool>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -173,7 +176,7 @@ impl<F: Fs> DirBackend<F> {
             return Ok(());
         };
         cell.get_or_try_init(|| async {
-            for d in ["volumes", "snapshots", "tmp", "trash"] {
+            for d in ["volumes", "snapshots", "tmp", "trash", "nodes"] {
                 Self::ensure_dirs(&inst.fs, &format!("{META_DIR}/{d}")).await?;
             }
             Ok::<(), Error>(())
@@ -386,6 +389,26 @@ impl<F: Fs> DirBackend<F> {
         }
     }
 
+    fn node_path(node_id: &str) -> Result<RelPath> {
+        rel(&format!(
+            "{META_DIR}/nodes/{}.json",
+            dir_name_for(node_id, "node")
+        ))
+    }
+
+    /// How many volumes of this instance are published to `node_id`.
+    async fn published_count(inst: &Instance<F>, node_id: &str) -> Result<usize> {
+        let dir = rel(&format!("{META_DIR}/volumes"))?;
+        let mut n = 0;
+        for e in inst.fs.read_dir(&dir).await? {
+            if let Some(meta) = Self::read_json::<VolumeMeta>(&inst.fs, &dir.join(&e.name)?).await?
+            {
+                n += usize::from(meta.published.contains_key(node_id));
+            }
+        }
+        Ok(n)
+    }
+
     async fn find_snapshot(inst: &Instance<F>, snap: &RelPath) -> Result<Option<SnapshotMeta>> {
         Self::read_json(&inst.fs, &Self::snap_dir(snap)?.join("meta.json")?).await
     }
@@ -497,10 +520,10 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
             snapshots: true,
             clone: true,
             expand: true,
-            publish: false,
             capacity: true,
             single_node_multi_writer: true,
             modify: true,
+            publish: true,
         }
     }
 
@@ -688,6 +711,7 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
             source_volume,
             parameters: stored_params,
             created: now_secs(),
+            published: BTreeMap::new(),
         };
         if inst.fs.stat(&path).await?.is_some() {
             // A directory without our metadata: left by onDelete=retain or made by an admin.
@@ -909,6 +933,104 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
 
     fn check_mutable_parameters(&self, mutable: &BTreeMap<String, String>) -> Result<()> {
         params::check_mutable(mutable)
+    }
+
+    /// Records which node may use the volume: a single-node volume is refused to a second node
+    /// (RWO enforced across nodes, which NFS drivers usually cannot do), and a node's volume
+    /// limit from NodeGetInfo is honoured. Only called when the CSIDriver has attachRequired.
+    async fn controller_publish(
+        &self,
+        volume_id: &str,
+        node_id: &str,
+        capability: &Capability,
+        readonly: bool,
+    ) -> Result<BTreeMap<String, String>> {
+        let Some((inst, id)) = self.parse_id("volume_id", volume_id)? else {
+            return Err(Error::not_found("volume", volume_id));
+        };
+        self.check_capabilities(std::slice::from_ref(capability))?;
+        let key = hash_hex(id.path.as_str(), 40);
+        let _guard = self.locks.lock(&format!("{}/{}", inst.name, key)).await;
+        let mut meta = Self::load_volume(inst, &id.path)
+            .await?
+            .ok_or_else(|| Error::not_found("volume", volume_id))?;
+        let node: NodeInfo = Self::read_json(&inst.fs, &Self::node_path(node_id)?)
+            .await?
+            .ok_or_else(|| {
+                Error::not_found(
+                    "node",
+                    format!("{node_id} (no node plugin of that ID has registered)"),
+                )
+            })?;
+        if let Some(&ro) = meta.published.get(node_id) {
+            if ro == readonly {
+                return Ok(BTreeMap::new());
+            }
+            return Err(Error::AlreadyExists(format!(
+                "volume {volume_id} is already published to {node_id} with readonly={ro}"
+            )));
+        }
+        let single_node = !capability.access_mode.is_multi_node();
+        if single_node {
+            if let Some(other) = meta.published.keys().next() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {volume_id} is single-node and already published to node {other}"
+                )));
+            }
+        }
+        if node.max_volumes > 0
+            && Self::published_count(inst, node_id).await? >= node.max_volumes as usize
+        {
+            return Err(Error::ResourceExhausted(format!(
+                "node {node_id} already holds its maximum of {} volumes",
+                node.max_volumes
+            )));
+        }
+        meta.published.insert(node_id.to_owned(), readonly);
+        Self::write_json(&inst.fs, &Self::meta_path(&id.path)?, &meta).await?;
+        Ok(BTreeMap::new())
+    }
+
+    async fn controller_unpublish(&self, volume_id: &str, node_id: &str) -> Result<()> {
+        let Some((inst, id)) = self.parse_id("volume_id", volume_id)? else {
+            return Ok(());
+        };
+        let key = hash_hex(id.path.as_str(), 40);
+        let _guard = self.locks.lock(&format!("{}/{}", inst.name, key)).await;
+        let Some(mut meta) = Self::load_volume(inst, &id.path).await? else {
+            return Ok(());
+        };
+        let before = meta.published.len();
+        if node_id.is_empty() {
+            meta.published.clear();
+        } else {
+            meta.published.remove(node_id);
+        }
+        if meta.published.len() != before {
+            Self::write_json(&inst.fs, &Self::meta_path(&id.path)?, &meta).await?;
+        }
+        Ok(())
+    }
+
+    async fn published_nodes(&self, volume_id: &str) -> Result<Vec<String>> {
+        let Some((inst, id)) = self.parse_id("volume_id", volume_id)? else {
+            return Err(Error::not_found("volume", volume_id));
+        };
+        let meta = Self::load_volume(inst, &id.path)
+            .await?
+            .ok_or_else(|| Error::not_found("volume", volume_id))?;
+        Ok(meta.published.keys().cloned().collect())
+    }
+
+    async fn register_node(&self, node: &NodeInfo) -> Result<()> {
+        if node.node_id.is_empty() {
+            return Err(Error::invalid("node_id", "must not be empty"));
+        }
+        for inst in self.instances.values() {
+            self.prepare(inst).await?;
+            Self::write_json(&inst.fs, &Self::node_path(&node.node_id)?, node).await?;
+        }
+        Ok(())
     }
 
     async fn modify_volume(

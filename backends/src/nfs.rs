@@ -146,8 +146,10 @@ impl NodeBackend for NfsNode {
     }
 
     fn features(&self) -> NodeFeatures {
+        // Expansion only changes the recorded size (NFS cannot enforce it) and the node has
+        // nothing to grow; answering NodeExpandVolume lets COs finish a resize the usual way.
         NodeFeatures {
-            expand: false,
+            expand: true,
             single_node_multi_writer: true,
             volume_mount_group: false,
         }

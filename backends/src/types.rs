@@ -182,3 +182,15 @@ pub struct VolumeStats {
     pub abnormal: Option<String>,
     pub is_block: bool,
 }
+
+/// What a node plugin tells the controller side about itself at start (NodeGetInfo's data),
+/// so ControllerPublish can refuse unknown nodes and enforce the node's volume limit.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeInfo {
+    pub node_id: String,
+    /// 0 = no limit.
+    pub max_volumes: i64,
+    #[serde(default)]
+    pub topology: BTreeMap<String, String>,
+}

@@ -422,7 +422,7 @@ impl v1::controller_server::Controller for ControllerService {
         Ok(Response::new(v1::ControllerGetVolumeResponse {
             volume: Some(convert::volume_to_wire(&vol)),
             status: Some(v1::controller_get_volume_response::VolumeStatus {
-                published_node_ids: Vec::new(),
+                published_node_ids: self.backend.published_nodes(&r.volume_id).await?,
                 volume_condition: Some(v1::VolumeCondition {
                     abnormal: false,
                     message: "volume exists".into(),

@@ -42,6 +42,14 @@ async fn main() -> anyhow::Result<()> {
     let endpoint = Endpoint::parse(&args.endpoint).context("--endpoint")?;
     let config = stowage_backends::Config::load(&args.config)?;
     let backend = stowage_backends::build_node(&config);
+    register(
+        config.clone(),
+        stowage_backends::NodeInfo {
+            node_id: args.node_id.clone(),
+            max_volumes: args.max_volumes,
+            topology: backend.topology(&args.node_id),
+        },
+    );
     tracing::info!(driver = backend.driver_name(), node_id = %args.node_id, %endpoint, "stowage-node serving");
     stowage_csi::serve::serve(
         &endpoint,
@@ -56,4 +64,33 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     tracing::info!("stowage-node stopped");
     Ok(())
+}
+
+/// Registers this node with the backend's controller side, through the backend's own storage
+/// (the node has no channel to the controller), retrying in the background until it succeeds:
+/// ControllerPublish refuses nodes it has never heard of.
+fn register(config: stowage_backends::Config, node: stowage_backends::NodeInfo) {
+    tokio::spawn(async move {
+        let mut wait = std::time::Duration::from_secs(1);
+        loop {
+            let res = async {
+                stowage_backends::build_controller(&config)
+                    .await?
+                    .register_node(&node)
+                    .await
+            }
+            .await;
+            match res {
+                Ok(()) => {
+                    tracing::info!(node_id = %node.node_id, "node registered with the backend");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in_s = wait.as_secs(), "node registration failed")
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(std::time::Duration::from_secs(60));
+        }
+    });
 }
