@@ -13,6 +13,18 @@ use crate::error::{Error, Result};
 
 /// Default bound for mount-type commands.
 pub const MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+
+static MOUNT_TIMEOUT_OVERRIDE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+/// Sets the bound for mount-type commands once, at start (the node's `--mount-timeout-secs`).
+pub fn set_mount_timeout(d: Duration) {
+    let _ = MOUNT_TIMEOUT_OVERRIDE.set(d);
+}
+
+/// The bound for mount-type commands: configured, else [`MOUNT_TIMEOUT`].
+pub fn mount_timeout() -> Duration {
+    MOUNT_TIMEOUT_OVERRIDE.get().copied().unwrap_or(MOUNT_TIMEOUT)
+}
 /// Default bound for quick local commands (losetup, blkid...).
 pub const SHORT_TIMEOUT: Duration = Duration::from_secs(20);
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::command::MOUNT_TIMEOUT;
+use crate::command::mount_timeout;
 use crate::config::NfsInstance;
 use crate::dirstore::{DirBackend, DirOptions, Instance};
 use crate::error::{Error, Result};
@@ -210,7 +210,7 @@ impl NodeBackend for NfsNode {
             server.clone()
         };
         let source = format!("{host}:{share}");
-        mount::mount(&source, &req.staging_path, "nfs", &opts, MOUNT_TIMEOUT)
+        mount::mount(&source, &req.staging_path, "nfs", &opts, mount_timeout())
             .await
             .map_err(|e| match e {
                 Error::Internal(msg) => Error::Internal(format!("mounting {source}: {msg}")),

@@ -25,6 +25,10 @@ struct Args {
     /// Most volumes of this driver one node may hold (0 = no limit).
     #[arg(long, env = "STOWAGE_MAX_VOLUMES", default_value_t = 0)]
     max_volumes: i64,
+    /// Seconds before a mount or unmount command is killed and the call answers UNAVAILABLE
+    /// (a hung NFS server must not hold node calls hostage).
+    #[arg(long, env = "STOWAGE_MOUNT_TIMEOUT_SECS", default_value_t = 60)]
+    mount_timeout_secs: u64,
     /// Log format: text or json.
     #[arg(long, env = "STOWAGE_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -39,6 +43,8 @@ async fn main() -> anyhow::Result<()> {
         "--node-id must not be empty"
     );
     anyhow::ensure!(args.max_volumes >= 0, "--max-volumes must not be negative");
+    anyhow::ensure!(args.mount_timeout_secs > 0, "--mount-timeout-secs must be positive");
+    stowage_backends::command::set_mount_timeout(std::time::Duration::from_secs(args.mount_timeout_secs));
     let endpoint = Endpoint::parse(&args.endpoint).context("--endpoint")?;
     let config = stowage_backends::Config::load(&args.config)?;
     let backend = stowage_backends::build_node(&config);

@@ -10,7 +10,7 @@ pub mod mountinfo;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::command::{self, MOUNT_TIMEOUT};
+use crate::command::{self, mount_timeout};
 use crate::error::{Error, Result};
 use crate::node::PublishRequest;
 use crate::types::{Usage, VolumeStats};
@@ -52,7 +52,7 @@ pub async fn bind(source: &Path, target: &Path, readonly: bool, flags: &[String]
         opts.push("ro".into());
     }
     opts.extend(flags.iter().filter(|f| !f.is_empty()).cloned());
-    mount(path_str(source)?, target, "", &opts, MOUNT_TIMEOUT).await
+    mount(path_str(source)?, target, "", &opts, mount_timeout()).await
 }
 
 /// Unmounts `target` if it is a mount point. A dead FUSE or NFS mount (ENOTCONN, ESTALE) is
@@ -68,7 +68,7 @@ pub async fn unmount(target: &Path) -> Result<()> {
         } else {
             vec![path_str(target)?]
         };
-        let out = command::run_status("umount", &args, MOUNT_TIMEOUT).await?;
+        let out = command::run_status("umount", &args, mount_timeout()).await?;
         if out.status != 0 && mounted_at(target).await?.is_some() {
             return Err(Error::Internal(format!(
                 "umount {} failed: {}",
