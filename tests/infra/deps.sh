@@ -5,7 +5,8 @@ set -euo pipefail
 cache=${STOWAGE_CACHE:-$HOME/.cache/stowage}
 mkdir -p "$cache/bin"
 pkgs=(nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils nfs-common fuse3 busybox-static xfsprogs
-      e2fsprogs iproute2 util-linux cpio qemu-system-x86 python3 openssl procps psmisc kmod)
+      e2fsprogs iproute2 util-linux cpio qemu-system-x86 python3 openssl procps psmisc kmod
+      xz-utils zstd)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -13,6 +14,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# The node VM downloads a Debian kernel package: apt's lists must know bookworm's kernels.
+if ! apt-cache search --names-only '^linux-image-6\.1\.0-[0-9]+-amd64$' | grep -q .; then
+  DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
 fi
 command -v go >/dev/null || { echo "go is required (Go 1.26 is preinstalled on these machines)"; exit 1; }
 if [ ! -x "$cache/bin/csi-sanity" ]; then
