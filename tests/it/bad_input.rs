@@ -337,12 +337,71 @@ async fn controller_refuses_malformed_requests() {
         "default/nope",
     );
     expect(
-        "publish unsupported",
+        "publish no volume",
         c.controller_publish_volume(v1::ControllerPublishVolumeRequest::default())
             .await,
-        Code::Unimplemented,
-        "ControllerPublishVolume",
+        Code::InvalidArgument,
+        "volume_id",
     );
+    expect(
+        "publish no node",
+        c.controller_publish_volume(v1::ControllerPublishVolumeRequest {
+            volume_id: "default/x".into(),
+            volume_capability: Some(wire::rwo()),
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        "node_id",
+    );
+    expect(
+        "publish no capability",
+        c.controller_publish_volume(v1::ControllerPublishVolumeRequest {
+            volume_id: "default/x".into(),
+            node_id: "n".into(),
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        "volume_capability",
+    );
+    expect(
+        "publish unknown volume",
+        c.controller_publish_volume(v1::ControllerPublishVolumeRequest {
+            volume_id: "default/x".into(),
+            node_id: "n".into(),
+            volume_capability: Some(wire::rwo()),
+            ..Default::default()
+        })
+        .await,
+        Code::NotFound,
+        "default/x",
+    );
+    let v = c
+        .create_volume(wire::create("pvc-pub", 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    expect(
+        "publish to a node that never registered",
+        c.controller_publish_volume(v1::ControllerPublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            node_id: "ghost".into(),
+            volume_capability: Some(wire::rwo()),
+            ..Default::default()
+        })
+        .await,
+        Code::NotFound,
+        "ghost",
+    );
+    c.delete_volume(v1::DeleteVolumeRequest {
+        volume_id: v.volume_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
 
     // Nothing was created and the controller is still serving.
     let listed = c

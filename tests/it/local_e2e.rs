@@ -507,3 +507,130 @@ async fn sigterm_removes_the_socket_and_a_stale_socket_is_replaced() {
     let _ = &e.node;
     drop(e);
 }
+
+async fn wait_registered(base: &Path, node: &str) {
+    let f = base.join(format!(".stowage/nodes/{node}.json"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !f.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {node} never registered"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn publish(
+    vol: &str,
+    node: &str,
+    cap: v1::VolumeCapability,
+    ro: bool,
+) -> v1::ControllerPublishVolumeRequest {
+    v1::ControllerPublishVolumeRequest {
+        volume_id: vol.into(),
+        node_id: node.into(),
+        volume_capability: Some(cap),
+        readonly: ro,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn controller_publish_enforces_single_node_access_and_node_limits() {
+    let (e, mut c, _n) = env().await;
+    // A second node plugin with a limit of one volume.
+    let cfg = e.dir.path().join("local.yaml");
+    let d2 = e.dir.path().join("node2");
+    std::fs::create_dir_all(&d2).unwrap();
+    let mut node2 = Plugin::spawn(
+        "stowage-node",
+        &d2,
+        &format!("unix://{}", d2.join("node.sock").display()),
+        &[
+            "--config",
+            &cfg.to_string_lossy(),
+            "--node-id",
+            "node-2",
+            "--max-volumes",
+            "1",
+        ],
+    )
+    .unwrap();
+    node2.ready().await.unwrap();
+    wait_registered(&e.base, "node-1").await;
+    wait_registered(&e.base, "node-2").await;
+
+    let rwo = c
+        .controller
+        .create_volume(wire::create("pvc-rwo", 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    c.controller
+        .controller_publish_volume(publish(&rwo.volume_id, "node-1", wire::rwo(), false))
+        .await
+        .unwrap();
+    c.controller
+        .controller_publish_volume(publish(&rwo.volume_id, "node-1", wire::rwo(), false))
+        .await
+        .unwrap();
+    let st = c
+        .controller
+        .controller_publish_volume(publish(&rwo.volume_id, "node-2", wire::rwo(), false))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert!(st.message().contains("node-1"), "{}", st.message());
+    let got = c
+        .controller
+        .controller_get_volume(v1::ControllerGetVolumeRequest {
+            volume_id: rwo.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.status.unwrap().published_node_ids,
+        vec!["node-1".to_string()]
+    );
+    // Once node-1 lets go, node-2 may have it.
+    c.controller
+        .controller_unpublish_volume(v1::ControllerUnpublishVolumeRequest {
+            volume_id: rwo.volume_id.clone(),
+            node_id: "node-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    c.controller
+        .controller_publish_volume(publish(&rwo.volume_id, "node-2", wire::rwo(), false))
+        .await
+        .unwrap();
+
+    // A multi-node volume goes to both, but node-2 is at its limit of one.
+    let rwx_cap = wire::mount_cap(Mode::MultiNodeMultiWriter);
+    let mut req = wire::create("pvc-rwx", 0);
+    req.volume_capabilities = vec![rwx_cap.clone()];
+    let rwx = c
+        .controller
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    c.controller
+        .controller_publish_volume(publish(&rwx.volume_id, "node-1", rwx_cap.clone(), false))
+        .await
+        .unwrap();
+    let st = c
+        .controller
+        .controller_publish_volume(publish(&rwx.volume_id, "node-2", rwx_cap.clone(), false))
+        .await
+        .unwrap_err();
+    assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
+    drop(node2);
+    drop(e);
+}
