@@ -25,6 +25,7 @@ pub fn set_mount_timeout(d: Duration) {
 pub fn mount_timeout() -> Duration {
     MOUNT_TIMEOUT_OVERRIDE.get().copied().unwrap_or(MOUNT_TIMEOUT)
 }
+
 /// Default bound for quick local commands (losetup, blkid...).
 pub const SHORT_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -42,7 +43,39 @@ pub async fn run_status<S: AsRef<OsStr>>(
     args: &[S],
     timeout: Duration,
 ) -> Result<Output> {
+    run_inner(program, args, timeout, false).await
+}
+
+/// Like [`run`], but the child is also killed if the plugin dies (SIGKILL included), for work
+/// that must not outlive the call that asked for it: a copy left running by a killed controller
+/// would keep writing into a tree the retry is cleaning up. Not for mount helpers, whose FUSE
+/// daemons must survive a plugin restart.
+pub async fn run_tied<S: AsRef<OsStr>>(
+    program: &str,
+    args: &[S],
+    timeout: Duration,
+) -> Result<Output> {
+    check(program, run_inner(program, args, timeout, true).await?)
+}
+
+async fn run_inner<S: AsRef<OsStr>>(
+    program: &str,
+    args: &[S],
+    timeout: Duration,
+    tied: bool,
+) -> Result<Output> {
     let mut cmd = Command::new(program);
+    if tied {
+        // SAFETY: prctl is async-signal-safe and only changes the child being set up.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
     cmd.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -74,7 +107,10 @@ pub async fn run_status<S: AsRef<OsStr>>(
 
 /// Runs a command that must succeed; a non-zero exit becomes an error carrying its stderr.
 pub async fn run<S: AsRef<OsStr>>(program: &str, args: &[S], timeout: Duration) -> Result<Output> {
-    let out = run_status(program, args, timeout).await?;
+    check(program, run_status(program, args, timeout).await?)
+}
+
+fn check(program: &str, out: Output) -> Result<Output> {
     if out.status != 0 {
         let msg = out.stderr.trim();
         let msg = if msg.is_empty() {

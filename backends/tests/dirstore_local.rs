@@ -218,3 +218,32 @@ async fn block_volumes_are_sparse_images_that_grow() {
     // Asking for a filesystem of the same name is a different volume: refused.
     assert!(matches!(b.create_volume(&req("blk", 16 << 20)).await, Err(Error::AlreadyExists(_))));
 }
+
+#[tokio::test]
+async fn snapshots_of_block_volumes_stay_sparse() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let b = backend(tmp.path()).await;
+    let mut r = req("blk-src", 256 << 20);
+    r.capabilities = vec![cap(true)];
+    let v = b.create_volume(&r).await.unwrap();
+    let img = tmp.path().join("blk-src/disk.img");
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.seek(SeekFrom::Start(100 << 20)).unwrap();
+        f.write_all(&[9u8; 4096]).unwrap();
+    }
+    let s = b.create_snapshot("blk-snap", &v.id, &BTreeMap::new(), &Secrets::default()).await.unwrap();
+    let mut restore = req("blk-restored", 256 << 20);
+    restore.capabilities = vec![cap(true)];
+    restore.source = Some(ContentSource::Snapshot(s.id.clone()));
+    b.create_volume(&restore).await.unwrap();
+    let copy = tmp.path().join("blk-restored/disk.img");
+    let md = std::fs::metadata(&copy).unwrap();
+    assert_eq!(md.len(), 256 << 20);
+    // Allocated blocks (512-byte units): a few KiB, not 256 MiB of copied zeros.
+    assert!(md.blocks() * 512 < 4 << 20, "copy is not sparse: {} bytes allocated", md.blocks() * 512);
+    let data = std::fs::read(&copy).unwrap();
+    assert_eq!(&data[(100 << 20)..(100 << 20) + 4096], &[9u8; 4096][..]);
+}

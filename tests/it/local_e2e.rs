@@ -453,6 +453,16 @@ async fn controller_killed_mid_create_leaves_nothing_half_made() {
     }
     e.ctl.kill();
     assert!(call.await.unwrap().is_err());
+    // The copy it had started died with it (it would otherwise keep writing into the tree
+    // the retry cleans up).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while copies_running(&e.base) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a copy outlived the killed controller"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         !e.base.join("pvc-clone").exists(),
         "a half-made volume is visible"
@@ -633,4 +643,16 @@ async fn controller_publish_enforces_single_node_access_and_node_limits() {
     assert_eq!(st.code(), Code::ResourceExhausted, "{st:?}");
     drop(node2);
     drop(e);
+}
+
+fn copies_running(base: &Path) -> bool {
+    let needle = base.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
+        std::fs::read(p.path().join("cmdline"))
+            .map(|c| {
+                let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                c.starts_with("cp ") && c.contains(&needle)
+            })
+            .unwrap_or(false)
+    })
 }
