@@ -3,7 +3,8 @@
 #
 #   ganesha.sh start  [--state DIR]   start (or confirm running); prints the env file
 #   ganesha.sh stop   [--state DIR]   stop what start started; ok when already stopped
-#   ganesha.sh status [--state DIR]   exit 0 and print the env file when running, else 3
+#   ganesha.sh status [--state DIR]   exit 0 and print the env file when running and answering,
+#                                     1 when running but not answering, 3 when not running
 #
 # State dir (default /tmp/stowage-ganesha) holds the config, logs, pid files, the exported
 # directory ($STATE/export) and $STATE/env:
@@ -13,6 +14,10 @@
 # The server listens on 0.0.0.0, so a QEMU user-net guest reaches it as 10.0.2.2.
 # NFS and MOUNT ports are picked free at the first start and reused on later starts with the
 # same state dir (clients that reconnect after a restart find the server where it was).
+# Several state dirs may run at once; they share one rpcbind, where the last ganesha started
+# owns the NFS/MOUNT entries (and a stopping one removes them): use explicit ports, as the
+# env file gives them. rpcbind is started when none runs and stopped only by the `stop` of the
+# state dir that started it.
 #
 # Packages (the CI script installs them; this script installs nothing):
 #   apt-get install nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils
@@ -69,6 +74,14 @@ alive() {
   # A zombie (exited, not yet reaped by its parent) still passes kill -0.
   st=$(sed -n 's/^[0-9]* (.*) \([A-Za-z]\).*/\1/p' "/proc/$pid/stat" 2>/dev/null)
   [ "$st" != Z ] && [ "$st" != X ]
+}
+# For a process this script just launched: true while it has not exited. Unlike `alive` it
+# does not look at the command name, which is still "bash" or "setsid" until the exec has
+# happened; the pid cannot be reused meanwhile because we have not reaped it.
+child_running() {
+  local st
+  st=$(sed -n 's/^[0-9]* (.*) \([A-Za-z]\).*/\1/p' "/proc/$1/stat" 2>/dev/null)
+  [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
 }
 pid_of() { [ -s "$1" ] && cat "$1" || true; }
 
@@ -183,11 +196,12 @@ EOF
   mv "$tmp" "$ENVF"
 }
 
-# Ready = both programs answer over TCP on their own ports and the export is listable
-# through the MOUNT + NFS path a client takes (libnfs with explicit ports, no portmapper).
+# Ready = both ports accept and the export is listable through the MOUNT + NFS path a client
+# takes (libnfs with explicit ports). Deliberately not rpcinfo: even with -n PORT it asks the
+# portmapper, whose entries another ganesha on the same rpcbind can take over or drop.
 ready() {
-  rpcinfo -n "$NFS_PORT" -t 127.0.0.1 nfs 3 >/dev/null 2>&1 || return 1
-  rpcinfo -n "$MNT_PORT" -t 127.0.0.1 mountd 3 >/dev/null 2>&1 || return 1
+  (exec 3<>"/dev/tcp/127.0.0.1/$NFS_PORT") 2>/dev/null || return 1
+  (exec 3<>"/dev/tcp/127.0.0.1/$MNT_PORT") 2>/dev/null || return 1
   nfs-ls "nfs://127.0.0.1$PSEUDO?version=3&nfsport=$NFS_PORT&mountport=$MNT_PORT" >/dev/null 2>&1
 }
 
@@ -233,9 +247,11 @@ start_rpcbind() {
   echo started >"$STATE/rpcbind.origin"
   for _ in $(seq 1 100); do
     rpcbind_up && return 0
-    alive "$pid" rpcbind || break
+    child_running "$pid" || break
     sleep 0.05
   done
+  kill -TERM "$pid" 2>/dev/null || true
+  rm -f "$RPIDF"
   log "rpcbind did not come up; log:"
   tail -20 "$STATE/rpcbind.log" >&2 || true
   return 1
@@ -245,15 +261,15 @@ start_rpcbind() {
 # fresh ports might fix (ganesha died at startup), 2 on a timeout.
 launch_ganesha() {
   write_conf
-  : >"$STATE/ganesha.log"
   setsid ganesha.nfsd -F -f "$STATE/ganesha.conf" -L "$STATE/ganesha.log" -p "$GPIDF" -N "NIV_$LOG_LEVEL" \
     >"$STATE/ganesha.stdout" 2>&1 </dev/null 9>&- &
   local pid=$!
   echo "$pid" >"$GPIDF"
   local deadline=$(($(date +%s) + READY_TIMEOUT))
   until ready; do
-    if ! alive "$pid" ganesha; then
-      log "ganesha exited during startup; log tail:"
+    if ! child_running "$pid"; then
+      log "ganesha exited during startup; output and log tail:"
+      tail -5 "$STATE/ganesha.stdout" >&2 || true
       tail -15 "$STATE/ganesha.log" >&2 || true
       rm -f "$GPIDF"
       return 1
@@ -347,7 +363,12 @@ do_status() {
     # shellcheck disable=SC1090
     . "$ENVF"
     if ready; then
-      echo "running: ganesha pid $pid, rpcbind $(cat "$STATE/rpcbind.origin" 2>/dev/null || echo unknown)"
+      local pm="registered"
+      # One ganesha per rpcbind: a second instance takes over the NFS/MOUNT entries and drops
+      # them when it stops. Clients with explicit ports do not care; portmapper users do.
+      rpcinfo -p 127.0.0.1 2>/dev/null | grep -qE "[[:space:]]$NFS_PORT[[:space:]]+nfs" ||
+        pm="NOT registered (another ganesha on this rpcbind?)"
+      echo "running: ganesha pid $pid, rpcbind $(cat "$STATE/rpcbind.origin" 2>/dev/null || echo unknown), portmapper entries $pm"
       cat "$ENVF"
       return 0
     fi

@@ -19,8 +19,12 @@
 //!   unless [`NfsOptions::privileged_port`] (needs root or CAP_NET_BIND_SERVICE).
 //! - Paths resolve by LOOKUP, one component at a time from the base handle, so symlinks inside
 //!   volumes are never followed (LOOKUP returns the link itself; using it as a directory fails
-//!   with NOTDIR). Handles are cached briefly; entries are dropped on remove and rename, and a
-//!   stale handle clears the cache and retries the operation once.
+//!   with NOTDIR). Handles are cached for a few seconds and dropped on our own remove and
+//!   rename. Changes made behind our back are caught where they show: a stale handle clears
+//!   the cache, mounts again and retries the operation once; a "does not exist" answer (or an
+//!   unlinked directory) reached through a cached handle is asked again without the cache.
+//!   A directory renamed by someone else can still be seen under its old name until its cache
+//!   entry expires.
 //!
 //! The server name is resolved once, at connect; a server that moves needs a new `NfsFs`.
 
@@ -485,7 +489,10 @@ impl Inner {
             }
             walked.push_str(comp);
             let shown = format!("{}/{walked}", self.opts.export.trim_end_matches('/'));
-            let found = self.lookup_in(&cur, comp, &shown).await.map_err(|e| self.setup_err(e))?;
+            let found = self
+                .lookup_in(&cur, comp, &shown)
+                .await
+                .map_err(|e| self.setup_err(e))?;
             cur = match found {
                 Some((fh, attrs)) => {
                     if attrs.is_some_and(|a| a.type_ != ftype3::NF3DIR) {
@@ -530,7 +537,11 @@ impl Inner {
         if let Some(fh) = made {
             return Ok(fh);
         }
-        match self.lookup_in(dir, name, shown).await.map_err(|e| self.setup_err(e))? {
+        match self
+            .lookup_in(dir, name, shown)
+            .await
+            .map_err(|e| self.setup_err(e))?
+        {
             Some((fh, _)) => Ok(fh),
             None => Err(Error::Internal(format!(
                 "{}: base_dir {shown} vanished right after MKDIR",
@@ -1230,7 +1241,7 @@ impl AsyncRead for Conn {
             match self.0.try_read(buf) {
                 // The crate's read_exact treats 0 as "try again" and would spin forever on a
                 // closed connection; end of stream has to be an error here.
-                Ok(0) if false && !buf.is_empty() => {
+                Ok(0) if !buf.is_empty() => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         "connection closed by the server",
