@@ -102,6 +102,22 @@ struct SnapshotMeta {
     created: u64,
 }
 
+/// Work a backend adds around the directory lifecycle, per instance (GlusterFS: a quota limit
+/// on each volume directory, so capacity is enforced). Local and NFS have none.
+#[async_trait]
+pub trait DirHooks: Send + Sync + 'static {
+    /// The directory at `path` holds (or is about to hold) a volume of `capacity_bytes`.
+    /// Called on a new volume's finished tree before it is renamed into place (a failure
+    /// discards the tree: no volume without its limit appears), on an adopted or already
+    /// existing volume (a repeated CreateVolume heals a crash between the two), and before a
+    /// larger capacity is recorded by ControllerExpandVolume. Must be idempotent.
+    async fn set_capacity(&self, path: &RelPath, capacity_bytes: u64) -> Result<()>;
+
+    /// The volume directory at `path` is about to be deleted or archived (not on retain).
+    /// Must be idempotent: a retried DeleteVolume calls it again.
+    async fn release(&self, path: &RelPath) -> Result<()>;
+}
+
 /// The generic directory-per-volume controller over any [`Fs`].
 pub struct DirBackend<F: Fs> {
     driver: &'static str,
@@ -110,6 +126,8 @@ pub struct DirBackend<F: Fs> {
     /// Per instance: the `.stowage` bookkeeping directories exist (made once, lazily, so a
     /// server that is down at start does not keep the controller from starting).
     layout: BTreeMap<String, tokio::sync::OnceCell<()>>,
+    /// Per instance, optional: see [`DirHooks`].
+    hooks: BTreeMap<String, Arc<dyn DirHooks>>,
 }
 
 fn now_secs() -> u64 {
@@ -167,7 +185,22 @@ impl<F: Fs> DirBackend<F> {
             instances: map,
             locks: KeyLocks::default(),
             layout,
+            hooks: BTreeMap::new(),
         })
+    }
+
+    /// Attaches [`DirHooks`] to one configured instance.
+    pub fn with_hooks(mut self, instance: &str, hooks: Arc<dyn DirHooks>) -> Result<Self> {
+        self.instance(instance)?;
+        self.hooks.insert(instance.to_owned(), hooks);
+        Ok(self)
+    }
+
+    async fn hook_capacity(&self, inst: &Instance<F>, path: &RelPath, bytes: u64) -> Result<()> {
+        match self.hooks.get(&inst.name) {
+            Some(h) => h.set_capacity(path, bytes).await,
+            None => Ok(()),
+        }
     }
 
     /// Creates the bookkeeping directories of an instance once.
@@ -360,6 +393,7 @@ impl<F: Fs> DirBackend<F> {
                     fs.set_len(&img, meta.capacity).await?;
                 }
             }
+            self.hook_capacity(inst, &tmp, meta.capacity).await?;
             Self::write_json(fs, &Self::meta_path(dest)?, meta).await?;
             if let Some(parent) = dest.parent() {
                 Self::ensure_dirs(fs, parent.as_str()).await?;
@@ -368,6 +402,9 @@ impl<F: Fs> DirBackend<F> {
         }
         .await;
         if res.is_err() {
+            if let Some(h) = self.hooks.get(&inst.name) {
+                let _ = h.release(&tmp).await;
+            }
             let _ = fs.remove_all(&tmp).await;
         }
         res
@@ -638,6 +675,7 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
                     req.name
                 )));
             }
+            self.hook_capacity(inst, &path, existing.capacity).await?;
             return Ok(Self::to_volume(inst, &id, &existing));
         }
 
@@ -717,6 +755,7 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
             // A directory without our metadata: left by onDelete=retain or made by an admin.
             // Adopting it is what users of subdir drivers expect when a claim comes back.
             tracing::info!(volume = %id, "adopting existing directory");
+            self.hook_capacity(inst, &path, capacity).await?;
             Self::write_json(&inst.fs, &Self::meta_path(&path)?, &meta).await?;
         } else {
             self.build_volume(inst, &path, &meta, &key).await?;
@@ -741,6 +780,11 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
             .map(|p| p.on_delete)
             .unwrap_or_default();
         if fs.stat(&id.path).await?.is_some() {
+            if on_delete != OnDelete::Retain {
+                if let Some(h) = self.hooks.get(&inst.name) {
+                    h.release(&id.path).await?;
+                }
+            }
             match on_delete {
                 OnDelete::Retain => {}
                 OnDelete::Archive => {
@@ -812,6 +856,7 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
             )));
         }
         if want > meta.capacity {
+            self.hook_capacity(inst, &id.path, want).await?;
             if meta.block {
                 inst.fs.set_len(&id.path.join(BLOCK_IMAGE)?, want).await?;
             }

@@ -16,6 +16,7 @@ pub mod controller;
 pub mod dirstore;
 pub mod error;
 pub mod fs;
+pub mod glusterfs;
 pub mod group;
 pub mod local;
 pub mod locks;
@@ -23,7 +24,9 @@ pub mod mount;
 pub mod nfs;
 pub mod node;
 pub mod params;
+pub mod rbd;
 pub mod relpath;
+pub mod s3;
 pub mod types;
 pub mod volume_id;
 
@@ -40,6 +43,9 @@ pub async fn build_controller(config: &Config) -> Result<Arc<dyn ControllerBacke
     Ok(match config {
         Config::Local(c) => Arc::new(local::controller(&c.instances).await?),
         Config::Nfs(c) => Arc::new(nfs::controller(&c.instances).await?),
+        Config::S3(c) => Arc::new(s3::controller(c)?),
+        Config::Glusterfs(c) => glusterfs::controller(c).await?,
+        Config::Rbd(c) => Arc::new(rbd::RbdController::new(&c.instances)?),
     })
 }
 
@@ -48,5 +54,8 @@ pub fn build_node(config: &Config) -> Arc<dyn NodeBackend> {
     match config {
         Config::Local(c) => Arc::new(local::LocalNode::new(&c.instances)),
         Config::Nfs(_) => Arc::new(nfs::NfsNode),
+        Config::S3(c) => Arc::new(s3::S3Node::new(c)),
+        Config::Glusterfs(c) => Arc::new(glusterfs::GlusterNode::new(&c.instances)),
+        Config::Rbd(c) => Arc::new(rbd::RbdNode::new(&c.instances)),
     }
 }

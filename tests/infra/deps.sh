@@ -6,7 +6,10 @@ cache=${STOWAGE_CACHE:-$HOME/.cache/stowage}
 mkdir -p "$cache/bin"
 pkgs=(nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils nfs-common fuse3 busybox-static xfsprogs
       e2fsprogs iproute2 util-linux cpio qemu-system-x86 python3 openssl procps psmisc kmod
-      xz-utils zstd)
+      glusterfs-server glusterfs-client openssh-server openssh-client
+      ceph-mon ceph-osd ceph-mgr ceph-common radosgw python3-rados uuid-runtime curl s3fs rbd-fuse rbd-nbd
+      xz-utils zstd
+      docker.io containerd runc iptables)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -23,6 +26,11 @@ command -v go >/dev/null || { echo "go is required (Go 1.26 is preinstalled on t
 if [ ! -x "$cache/bin/csi-sanity" ]; then
   echo "go install csi-sanity v5.5.0"
   GOBIN="$cache/bin" go install github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.5.0
+fi
+# The S3 backend's second mounter (no Debian package): ~4 min to build once, then cached.
+if [ ! -x "$cache/bin/rclone" ]; then
+  echo "go install rclone v1.76.0"
+  GOBIN="$cache/bin" go install github.com/rclone/rclone@v1.76.0
 fi
 command -v cargo >/dev/null || { echo "cargo is required (Rust 1.95 is preinstalled)"; exit 1; }
 echo "dependencies ready"

@@ -224,3 +224,5 @@ pub mod wire {
         }
     }
 }
+
+pub mod provisioner;

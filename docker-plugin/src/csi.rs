@@ -1,0 +1,48 @@
+//! The CSI endpoint for Swarm cluster volumes (Docker ≥ 23, managed plugin with interface
+//! types `docker.csicontroller/1.0` and `docker.csinode/1.0`).
+//!
+//! Docker connects to one socket for both roles, whereas Kubernetes deployments run
+//! `stowage-controller` and `stowage-node` apart. This serves the very same services on one
+//! socket: the controller plugin's routes (Identity, Controller, GroupController where
+//! snapshots exist, Stowage's Recycle) plus the node plugin's Node service. Nothing here is
+//! new CSI logic.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use stowage_backends::{ControllerBackend, NodeBackend, NodeInfo};
+use stowage_csi::v1::node_server::NodeServer;
+use tonic::service::Routes;
+
+pub fn routes(
+    controller: Arc<dyn ControllerBackend>,
+    node: Arc<dyn NodeBackend>,
+    node_id: String,
+    max_volumes: i64,
+) -> Routes {
+    stowage_controller::routes(controller).add_service(NodeServer::new(
+        stowage_node::node::NodeService::new(node, node_id, max_volumes),
+    ))
+}
+
+/// Registers this node with the backend (ControllerPublish refuses nodes it has never heard
+/// of), retrying in the background until it succeeds: a storage server that is down at start
+/// must not keep the plugin from starting.
+pub fn register_in_background(controller: Arc<dyn ControllerBackend>, node: NodeInfo) {
+    tokio::spawn(async move {
+        let mut wait = Duration::from_secs(1);
+        loop {
+            match controller.register_node(&node).await {
+                Ok(()) => {
+                    tracing::info!(node_id = %node.node_id, "node registered with the backend");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(node_id = %node.node_id, error = %e, retry_in_s = wait.as_secs(), "node registration failed");
+                }
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(60));
+        }
+    });
+}

@@ -1,0 +1,162 @@
+//! Events on claims and volumes (what `kubectl describe` shows), as core/v1 Events with
+//! client-go's aggregation: the same reason and message on the same object within ten minutes
+//! bumps the count of the existing event instead of creating a new one, so a retry loop with
+//! backoff cannot flood the API server.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use tokio::sync::Mutex;
+
+use crate::binder::Note;
+
+const AGGREGATE_FOR: Duration = Duration::from_secs(600);
+const MAX_CACHED: usize = 4096;
+
+struct Seen {
+    name: String,
+    namespace: String,
+    count: i32,
+    at: tokio::time::Instant,
+}
+
+/// Aggregation key: object, warning?, reason, message.
+type Key = (String, bool, &'static str, String);
+
+pub struct Recorder {
+    client: Client,
+    component: String,
+    host: String,
+    seen: Mutex<HashMap<Key, Seen>>,
+}
+
+impl Recorder {
+    pub fn new(client: Client, component: impl Into<String>, host: impl Into<String>) -> Self {
+        Recorder {
+            client,
+            component: component.into(),
+            host: host.into(),
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Publishes `note` about `regarding`. Failures are logged, never returned: an event that
+    /// could not be written must not stop the operation it reports on.
+    pub async fn publish(&self, regarding: &ObjectReference, note: &Note) {
+        if let Err(e) = self.try_publish(regarding, note).await {
+            tracing::warn!(error = %e, reason = note.reason, object = ?regarding.name, "could not write event");
+        }
+    }
+
+    async fn try_publish(
+        &self,
+        regarding: &ObjectReference,
+        note: &Note,
+    ) -> Result<(), kube::Error> {
+        // Cluster-scoped objects (PVs) get their events in "default", as with client-go.
+        let ns = regarding
+            .namespace
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "default".into());
+        let obj_key = format!(
+            "{}/{}/{}",
+            regarding.kind.as_deref().unwrap_or(""),
+            ns,
+            regarding
+                .uid
+                .as_deref()
+                .unwrap_or(regarding.name.as_deref().unwrap_or(""))
+        );
+        let key = (obj_key, note.warning, note.reason, note.message.clone());
+        let now = Timestamp::now();
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &ns);
+        let mut seen = self.seen.lock().await;
+        seen.retain(|_, s| s.at.elapsed() < AGGREGATE_FOR);
+        if let Some(s) = seen.get_mut(&key) {
+            s.count += 1;
+            s.at = tokio::time::Instant::now();
+            let patch = serde_json::json!({
+                "count": s.count,
+                "lastTimestamp": Time(now),
+            });
+            let (name, namespace, count) = (s.name.clone(), s.namespace.clone(), s.count);
+            drop(seen);
+            let r = Api::<Event>::namespaced(self.client.clone(), &namespace)
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await;
+            match r {
+                Ok(_) => return Ok(()),
+                // The event expired on the server (its TTL is an hour): start a new one.
+                Err(kube::Error::Api(s)) if s.is_not_found() => {
+                    self.seen.lock().await.remove(&key);
+                }
+                Err(e) => {
+                    tracing::debug!(count, "event patch failed");
+                    return Err(e);
+                }
+            }
+            seen = self.seen.lock().await;
+        }
+        let mut reference = regarding.clone();
+        // Aggregation is by object, not by version of it.
+        reference.resource_version = None;
+        let name = format!(
+            "{}.{:x}",
+            regarding.name.as_deref().unwrap_or("object"),
+            now.as_nanosecond()
+        );
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(ns.clone()),
+                ..Default::default()
+            },
+            involved_object: reference,
+            reason: Some(note.reason.to_owned()),
+            message: Some(truncate(&note.message, 1024)),
+            type_: Some(if note.warning { "Warning" } else { "Normal" }.into()),
+            source: Some(EventSource {
+                component: Some(self.component.clone()),
+                host: Some(self.host.clone()),
+            }),
+            reporting_component: Some(self.component.clone()),
+            reporting_instance: Some(self.host.clone()),
+            first_timestamp: Some(Time(now)),
+            last_timestamp: Some(Time(now)),
+            event_time: None::<MicroTime>,
+            count: Some(1),
+            ..Default::default()
+        };
+        if seen.len() >= MAX_CACHED {
+            seen.clear();
+        }
+        seen.insert(
+            key,
+            Seen {
+                name,
+                namespace: ns,
+                count: 1,
+                at: tokio::time::Instant::now(),
+            },
+        );
+        drop(seen);
+        api.create(&PostParams::default(), &event).await.map(|_| ())
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_owned();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}

@@ -1,0 +1,378 @@
+//! `stowage-provisioner`: the Kubernetes provisioner for one Stowage driver.
+//!
+//! ```sh
+//! stowage-provisioner --csi-endpoint unix:///csi/controller.sock             # run (KCM binds)
+//! stowage-provisioner --binder builtin ...                                    # Stowage binds
+//! stowage-provisioner import --csi-endpoint ... [--all | VOLUME_ID...]        # static PVs
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use stowage_csi::endpoint::Endpoint;
+use stowage_provisioner::binder::BinderMode;
+use stowage_provisioner::client::Rate;
+use stowage_provisioner::controller::Settings;
+use stowage_provisioner::driver::Driver;
+use stowage_provisioner::import::{self, ImportOptions};
+use stowage_provisioner::metrics::Metrics;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Stowage Kubernetes provisioner: provisions, binds and reclaims (Delete, Retain, Recycle) volumes of a Stowage CSI driver"
+)]
+struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    run: RunArgs,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// List the driver's volumes that have no PV and create PVs for the chosen ones.
+    Import(ImportArgs),
+}
+
+#[derive(Args, Debug)]
+struct Common {
+    /// The stowage-controller socket (unix:///path or tcp://host:port).
+    #[arg(
+        long,
+        env = "CSI_ENDPOINT",
+        global = true,
+        default_value = "unix:///var/lib/stowage/controller.sock"
+    )]
+    csi_endpoint: String,
+    /// Timeout of each CSI call.
+    #[arg(long, global = true, default_value = "60s", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Kubernetes API requests per second (client-side limit; external-provisioner's 5 is
+    /// what its users hit first).
+    #[arg(long, global = true, default_value_t = 50.0)]
+    kube_api_qps: f64,
+    /// Requests allowed in a burst above the QPS.
+    #[arg(long, global = true, default_value_t = 100)]
+    kube_api_burst: u32,
+    /// Log format: text or json.
+    #[arg(
+        long,
+        env = "STOWAGE_LOG_FORMAT",
+        global = true,
+        default_value = "text"
+    )]
+    log_format: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Binder {
+    /// kube-controller-manager binds claims and sets phases.
+    Kcm,
+    /// Stowage binds and sets phases (KCM runs without its PV binder, or there is no KCM).
+    Builtin,
+}
+
+#[derive(Args, Debug)]
+struct RunArgs {
+    #[arg(long, value_enum, default_value = "kcm")]
+    binder: Binder,
+    /// Concurrent syncs per controller (claims, volumes).
+    #[arg(long, default_value_t = 32)]
+    workers: u16,
+    /// Serve /metrics and /healthz here; empty disables.
+    #[arg(long, default_value = "0.0.0.0:9809")]
+    metrics_address: String,
+    /// Re-check converged objects this often.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    resync: Duration,
+    /// Re-check Pending claims this often (kube-controller-manager: 15s).
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    pending_resync: Duration,
+    /// Longest delay between retries of a failing operation.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    retry_max_delay: Duration,
+    /// How long to wait at start for the CSI driver to answer.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    driver_wait: Duration,
+    /// Elect a leader among replicas through a Lease, so only one acts at a time.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+    /// Namespace of the Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    leader_election_namespace: String,
+    /// A leader that has not renewed its lease for this long is replaced.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    leader_election_lease_duration: Duration,
+    /// This replica's name in the Lease and in events.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct ImportArgs {
+    /// Import every volume that has no PV.
+    #[arg(long, conflicts_with = "volumes")]
+    all: bool,
+    /// Volume IDs to import (as the driver lists them); none and no --all: only list.
+    volumes: Vec<String>,
+    /// storageClassName of the new PVs ("" = no class: claims must ask for "").
+    #[arg(long, default_value = "")]
+    storage_class: String,
+    /// Access modes of the new PVs (checked with the driver through ValidateVolumeCapabilities).
+    #[arg(long = "access-mode", default_value = "ReadWriteOnce")]
+    access_modes: Vec<String>,
+    /// Filesystem or Block.
+    #[arg(long, default_value = "Filesystem")]
+    volume_mode: String,
+    /// Retain (default: deleting the PV keeps the data), Delete or Recycle.
+    #[arg(long, default_value = "Retain")]
+    reclaim_policy: String,
+    /// Show what would be created without creating anything.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 30s, 5m, 500ms"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" | "" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?} is not a duration"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn identity(arg: Option<String>) -> String {
+    arg.unwrap_or_else(|| {
+        let host = rustix_hostname();
+        format!("{host}-{}", std::process::id())
+    })
+}
+
+fn rustix_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "stowage-provisioner".into())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    stowage_csi::logging::init(&cli.common.log_format)?;
+    let endpoint = Endpoint::parse(&cli.common.csi_endpoint).context("--csi-endpoint")?;
+    let rate = Rate {
+        qps: cli.common.kube_api_qps,
+        burst: cli.common.kube_api_burst,
+    };
+    anyhow::ensure!(rate.qps > 0.0, "--kube-api-qps must be positive");
+    let client = stowage_provisioner::client::client(rate).await?;
+    match cli.cmd {
+        Some(Cmd::Import(a)) => {
+            let driver = Driver::connect(&endpoint, cli.common.timeout, Duration::from_secs(10))
+                .await
+                .with_context(|| format!("connecting to the CSI driver at {endpoint}"))?;
+            let opts = ImportOptions {
+                all: a.all,
+                volumes: a.volumes,
+                storage_class: a.storage_class,
+                access_modes: a.access_modes,
+                volume_mode: a.volume_mode,
+                reclaim_policy: a.reclaim_policy,
+                dry_run: a.dry_run,
+            };
+            let mut out = std::io::stdout();
+            import::run(&client, &driver, &opts, &mut out).await?;
+            Ok(())
+        }
+        None => run(cli.common, cli.run, client, endpoint).await,
+    }
+}
+
+async fn run(
+    common: Common,
+    args: RunArgs,
+    client: kube::Client,
+    endpoint: Endpoint,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    if !args.metrics_address.is_empty() {
+        let addr: SocketAddr = args.metrics_address.parse().context("--metrics-address")?;
+        let (bound, server) = stowage_provisioner::metrics::serve(addr, metrics.clone())
+            .await
+            .with_context(|| format!("serving metrics on {addr}"))?;
+        tracing::info!(address = %bound, "serving /metrics and /healthz");
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
+    let driver = Driver::connect(&endpoint, common.timeout, args.driver_wait)
+        .await
+        .with_context(|| format!("connecting to the CSI driver at {endpoint}"))?;
+    let mode = match args.binder {
+        Binder::Kcm => BinderMode::Kcm,
+        Binder::Builtin => BinderMode::Builtin,
+    };
+    tracing::info!(driver = %driver.name, caps = ?driver.caps, binder = ?mode, %endpoint, "stowage-provisioner starting");
+    let settings = Settings {
+        mode,
+        workers: args.workers.max(1),
+        resync: args.resync,
+        pending_resync: args.pending_resync,
+        max_backoff: args.retry_max_delay,
+    };
+    let id = identity(args.identity);
+
+    if !args.leader_elect {
+        metrics.leader.set(1);
+        stowage_provisioner::controller::run(
+            client,
+            driver,
+            settings,
+            metrics,
+            id,
+            shutdown_signal(),
+        )
+        .await;
+        tracing::info!("stowage-provisioner stopped");
+        return Ok(());
+    }
+
+    let lease_secs = args.leader_election_lease_duration.as_secs().max(2);
+    let lease = format!("stowage-provisioner-{}", driver.name);
+    let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &lease)
+        .with_namespace(&args.leader_election_namespace)
+        .with_identity(&id)
+        .with_duration(lease_secs)
+        .with_grace((lease_secs / 3).max(1))
+        .build()
+        .await
+        .context("setting up leader election")?;
+    let (mut leader, task) = manager.watch().await;
+    tracing::info!(lease = %lease, namespace = %args.leader_election_namespace, identity = %id, "waiting to become the leader");
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        if *leader.borrow_and_update() {
+            break;
+        }
+        tokio::select! {
+            r = leader.changed() => r.context("leader election stopped")?,
+            _ = &mut signal => {
+                drop(leader);
+                let _ = task.await;
+                return Ok(());
+            }
+        }
+    }
+    tracing::info!(identity = %id, "became the leader");
+    metrics.leader.set(1);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let watch_leader = async move {
+        let lost = loop {
+            tokio::select! {
+                r = leader.changed() => {
+                    if r.is_err() || !*leader.borrow_and_update() {
+                        break true;
+                    }
+                }
+                _ = &mut signal => break false,
+            }
+        };
+        let _ = stop_tx.send(());
+        // Dropping the receiver makes the lease manager release the lease, so a standby
+        // replica takes over at once instead of after the lease expires.
+        drop(leader);
+        lost
+    };
+    let controllers = stowage_provisioner::controller::run(
+        client,
+        driver,
+        settings,
+        metrics.clone(),
+        id,
+        async move {
+            let _ = stop_rx.await;
+        },
+    );
+    let (lost, ()) = tokio::join!(watch_leader, controllers);
+    metrics.leader.set(0);
+    let _ = task.await;
+    if lost {
+        // Another replica may already act; going on would risk two writers.
+        anyhow::bail!("lost the leader lease; exiting so that only one replica acts");
+    }
+    tracing::info!("stowage-provisioner stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn cli_parses() {
+        Cli::command_for_test();
+    }
+
+    impl Cli {
+        fn command_for_test() {
+            use clap::CommandFactory;
+            Cli::command().debug_assert();
+            let c = Cli::try_parse_from(["p", "--binder", "builtin", "--leader-elect", "false"])
+                .unwrap();
+            assert!(matches!(c.run.binder, Binder::Builtin));
+            assert!(!c.run.leader_elect);
+            let c = Cli::try_parse_from(["p", "import", "--all", "--reclaim-policy", "Delete"])
+                .unwrap();
+            assert!(matches!(
+                c.cmd,
+                Some(Cmd::Import(ImportArgs { all: true, .. }))
+            ));
+        }
+    }
+}

@@ -1,0 +1,81 @@
+//! RBD under an OSD outage: the OSD is stopped while CreateVolume runs. The call must end with
+//! a clear, retryable error within the configured bound, and once the OSD is back no half-made
+//! image may remain visible: a retry gives one complete volume, a delete leaves nothing.
+//!
+//! Its own test binary: it stops the cluster's only OSD, which no other test may see.
+
+#[path = "rbd_common.rs"]
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tonic::Code;
+
+fn ceph_sh(env: &std::collections::HashMap<String, String>, cmd: &str) {
+    let script = std::env::var("STOWAGE_CEPH_SH")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/infra/ceph.sh").to_string());
+    let st = Command::new(script)
+        .args([cmd, "--state", &env["CEPH_STATE"]])
+        .status()
+        .unwrap();
+    assert!(st.success(), "ceph.sh {cmd} failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn osd_stopped_mid_create_gives_a_clear_error_and_no_half_image() {
+    // A short bound so the test does not wait 30 s per call.
+    let Some(mut r) = Rbd::start_with(0, "    opTimeoutSecs: 5\n").await else {
+        return;
+    };
+    let name = unique("outage");
+    let cap = fs_cap("ext4");
+    // Connect first, so the outage hits the image creation, not the login.
+    let warm = r
+        .create(create_req(&unique("warm"), 1 << 20, cap.clone()))
+        .await
+        .unwrap();
+
+    ceph_sh(&r.env, "stop-osd");
+    let started = Instant::now();
+    let res = r.create(create_req(&name, 64 << 20, cap.clone())).await;
+    let took = started.elapsed();
+    ceph_sh(&r.env, "start-osd");
+    let e = res.expect_err("CreateVolume succeeded with the only OSD down");
+    assert!(
+        matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{e:?}"
+    );
+    assert!(e.message().contains("did not answer in time"), "{e:?}");
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+
+    // Recovered: nothing half-made is listed as a volume...
+    let listed =
+        r.c.controller
+            .list_volumes(stowage_csi::v1::ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+    assert!(
+        !listed
+            .entries
+            .iter()
+            .any(|v| v.volume.as_ref().unwrap().volume_id.ends_with(&name)),
+        "a volume from the failed create is listed"
+    );
+    // ...and the retry the CO makes yields exactly one complete image.
+    let vol = r
+        .create(create_req(&name, 64 << 20, cap.clone()))
+        .await
+        .unwrap();
+    let image = &vol.volume_context["imageName"];
+    assert_eq!(r.images().iter().filter(|i| *i == image).count(), 1);
+    let meta = r
+        .rbd(&["image-meta", "get", image, "stowage.volume"])
+        .unwrap();
+    assert!(meta.contains(&name), "{meta}");
+    r.delete(&vol.volume_id).await.unwrap();
+    r.delete(&warm.volume_id).await.unwrap();
+    assert!(!r.images().contains(image), "image left after delete");
+}
