@@ -80,11 +80,20 @@ where
     F: Future<Output = Result<T, DriverError>>,
 {
     let span = tracing::info_span!("docker", endpoint, volume);
+    let started = std::time::Instant::now();
     match fut.instrument(span.clone()).await {
-        Ok(v) => reply(
-            StatusCode::OK,
-            serde_json::to_value(v).unwrap_or_else(|_| json!({})),
-        ),
+        Ok(v) => {
+            span.in_scope(|| {
+                tracing::debug!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "{endpoint} done"
+                )
+            });
+            reply(
+                StatusCode::OK,
+                serde_json::to_value(v).unwrap_or_else(|_| json!({})),
+            )
+        }
         Err(e) => {
             span.in_scope(|| {
                 let level = e.level();

@@ -351,6 +351,7 @@ async fn reconcile_claim(
                 node: node.as_ref(),
             },
         );
+        tracing::debug!(class = class_name, class_known = class.is_some(), ?actions, "claim sync");
         let mut run = ClaimRun {
             ctx: &ctx,
             claim: (*claim).clone(),
@@ -799,6 +800,7 @@ async fn reconcile_volume(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Ac
             claim = live_claim(&ctx, &pv).await?;
             actions = binder::sync_volume(ctx.policy(), &pv, claim.as_ref());
         }
+        tracing::debug!(?actions, "volume sync");
         let mut run = VolumeRun {
             ctx: &ctx,
             pv: (*pv).clone(),

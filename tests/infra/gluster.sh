@@ -19,7 +19,8 @@
 #
 # Packages (tests/infra/deps.sh installs them): glusterfs-server glusterfs-client fuse3
 # Env knobs: GLUSTER_READY_TIMEOUT (s, default 30), GLUSTER_HOST (default: hostname if it
-# resolves to a local address, else 127.0.0.2; the CLI refuses localhost/127.0.0.1 by text).
+# resolves to a local address, else 127.0.0.2; the CLI refuses localhost/127.0.0.1 by text),
+# GLUSTER_PORT_WAIT (s, default 0: how long start waits for another state dir's glusterd).
 set -euo pipefail
 
 STATE=/tmp/stowage-gluster
@@ -331,8 +332,19 @@ take_lock() {
   flock -w 120 9 || die "another gluster.sh holds $LOCK for more than 120 s"
 }
 
+# GLUSTER_PORT_WAIT=N: when another state dir's glusterd holds the machine's one port, wait
+# up to N seconds for it to go (without holding the lock its stop needs) instead of failing.
+wait_for_port() {
+  local waited=0 limit=${GLUSTER_PORT_WAIT:-0}
+  while [ "$waited" -lt "$limit" ] && ss -Hltn 'sport = :24007' 2>/dev/null | grep -q . &&
+    ! alive "$(pid_of "$PIDFILE")" glusterd; do
+    [ "$waited" = 0 ] && log "port 24007 is held by another glusterd; waiting up to ${limit}s"
+    sleep 2; waited=$((waited + 2))
+  done
+}
+
 case "$CMD" in
-start) take_lock; do_start ;;
+start) wait_for_port; take_lock; do_start ;;
 stop) [ -d "$STATE" ] || exit 0; take_lock; do_stop ;;
 stop-glusterd) [ -d "$STATE" ] || exit 0; take_lock; stop_glusterd ;;
 status) [ -d "$STATE" ] || { echo "not running (no state dir $STATE)"; exit 3; }; do_status ;;

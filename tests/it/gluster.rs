@@ -132,7 +132,19 @@ async fn quota_is_enforced_and_expands_online() {
         .await
         .unwrap();
     }
-    assert!(fuse_pid(&staging).is_none(), "FUSE client left running");
+    // The client exits on its own once the kernel tells it the mount is gone.
+    let mut left = fuse_pid(&staging);
+    for _ in 0..100 {
+        if left.is_none() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        left = fuse_pid(&staging);
+    }
+    assert!(
+        left.is_none(),
+        "FUSE client {left:?} still running 5 s after unstage"
+    );
     for _ in 0..2 {
         e.c.controller
             .delete_volume(v1::DeleteVolumeRequest {

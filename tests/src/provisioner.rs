@@ -586,8 +586,18 @@ where
     };
     let r = body(&mut w).await;
     if r.is_err() {
-        eprintln!("--- provisioner log ({test}) ---\n{}", tail(&w.prov_log(), 80));
-        eprintln!("--- controller log ({test}) ---\n{}", tail(&w.ctl.log_text(), 30));
+        // Keep every log of the failed test (the temp dir goes away with the world).
+        let keep = std::env::temp_dir().join("stowage-provisioner-failures").join(&w.ns);
+        let _ = std::fs::create_dir_all(&keep);
+        if let Ok(rd) = std::fs::read_dir(w.dir.path()) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".log") {
+                    let _ = std::fs::copy(e.path(), keep.join(e.file_name()));
+                }
+            }
+        }
+        eprintln!("--- provisioner log ({test}), all logs in {} ---\n{}", keep.display(), tail(&w.prov_log(), 40));
+        eprintln!("--- controller log ({test}) ---\n{}", tail(&w.ctl.log_text(), 20));
     }
     w.cleanup().await;
     r

@@ -10,7 +10,8 @@ state=$(mktemp -d /tmp/stowage-gluster.XXXXXX)
 trap '"$root/tests/infra/gluster.sh" stop --state "$state" >/dev/null 2>&1; rm -rf "$state"
       "$root/tests/infra/sshd.sh" stop --state "$state-sshd" >/dev/null 2>&1
       rm -f /var/log/glusterfs/tmp-.tmp*.log /var/log/glusterfs/tmp-stowage-sanity-gluster.*.log' EXIT
-if ! "$root/tests/infra/gluster.sh" start --state "$state" >/dev/null; then
+# Another suite or developer may hold the machine's one glusterd for a while: wait, bounded.
+if ! GLUSTER_PORT_WAIT=300 "$root/tests/infra/gluster.sh" start --state "$state" >/dev/null; then
   echo "glusterd did not start"; echo "0 passed, 1 failed"; exit 1
 fi
 # A real sshd on 127.0.0.1 for the controller's SSH executor (the CLI run on a gluster server).

@@ -143,8 +143,9 @@ impl DockerPlugin {
         let mut p = DockerPlugin {
             name,
             socket: socket.to_owned(),
-            state: dir.join("state"),
-            mounts: dir.join("mounts"),
+            // Not "state": backend configs in the same test dir keep their own state there.
+            state: dir.join("plugin-state"),
+            mounts: dir.join("plugin-mounts"),
             config: config.to_owned(),
             log: dir.join("stowage-docker.log"),
             extra: extra.to_vec(),
