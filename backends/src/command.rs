@@ -23,7 +23,10 @@ pub fn set_mount_timeout(d: Duration) {
 
 /// The bound for mount-type commands: configured, else [`MOUNT_TIMEOUT`].
 pub fn mount_timeout() -> Duration {
-    MOUNT_TIMEOUT_OVERRIDE.get().copied().unwrap_or(MOUNT_TIMEOUT)
+    MOUNT_TIMEOUT_OVERRIDE
+        .get()
+        .copied()
+        .unwrap_or(MOUNT_TIMEOUT)
 }
 
 /// Default bound for quick local commands (losetup, blkid...).
@@ -69,7 +72,14 @@ async fn run_inner<S: AsRef<OsStr>>(
         // SAFETY: prctl is async-signal-safe and only changes the child being set up.
         unsafe {
             cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())

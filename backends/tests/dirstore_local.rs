@@ -13,21 +13,32 @@ fn cap(block: bool) -> Capability {
         access_type: if block {
             AccessType::Block
         } else {
-            AccessType::Mount { fs_type: String::new(), mount_flags: vec![], volume_mount_group: String::new() }
+            AccessType::Mount {
+                fs_type: String::new(),
+                mount_flags: vec![],
+                volume_mount_group: String::new(),
+            }
         },
         access_mode: AccessMode::SingleNodeWriter,
     }
 }
 
 async fn backend(dir: &std::path::Path) -> Arc<dyn ControllerBackend> {
-    let cfg = Config::parse(&format!("backend: local\ninstances:\n  default:\n    baseDir: {}\n", dir.display())).unwrap();
+    let cfg = Config::parse(&format!(
+        "backend: local\ninstances:\n  default:\n    baseDir: {}\n",
+        dir.display()
+    ))
+    .unwrap();
     build_controller(&cfg).await.unwrap()
 }
 
 fn req(name: &str, size: u64) -> CreateVolume {
     CreateVolume {
         name: name.into(),
-        capacity: CapacityRange { required: size, limit: None },
+        capacity: CapacityRange {
+            required: size,
+            limit: None,
+        },
         capabilities: vec![cap(false)],
         ..Default::default()
     }
@@ -59,15 +70,26 @@ async fn concurrent_identical_creates_make_one_directory() {
     let mut tasks = Vec::new();
     for _ in 0..50 {
         let b = b.clone();
-        tasks.push(tokio::spawn(async move { b.create_volume(&req("same", 4096)).await }));
+        tasks.push(tokio::spawn(async move {
+            b.create_volume(&req("same", 4096)).await
+        }));
     }
     let mut ids = std::collections::BTreeSet::new();
     for t in tasks {
         ids.insert(t.await.unwrap().unwrap().id);
     }
     assert_eq!(ids.len(), 1);
-    let dirs: Vec<_> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(dirs.iter().filter(|n| !n.to_string_lossy().starts_with('.')).count(), 1, "{dirs:?}");
+    let dirs: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        dirs.iter()
+            .filter(|n| !n.to_string_lossy().starts_with('.'))
+            .count(),
+        1,
+        "{dirs:?}"
+    );
 }
 
 #[tokio::test]
@@ -79,12 +101,16 @@ async fn snapshot_restore_clone_and_delete_keep_bytes() {
     std::fs::write(tmp.path().join("src/sub/f"), b"hello").unwrap();
     std::os::unix::fs::symlink("/etc/passwd", tmp.path().join("src/link")).unwrap();
 
-    let s = b.create_snapshot("snap1", &v.id, &BTreeMap::new(), &Secrets::default()).await.unwrap();
+    let s = b
+        .create_snapshot("snap1", &v.id, &BTreeMap::new(), &Secrets::default())
+        .await
+        .unwrap();
     assert_eq!(s.source_volume_id, v.id);
     // Same name, other source: refused.
     let other = b.create_volume(&req("other", 0)).await.unwrap();
     assert!(matches!(
-        b.create_snapshot("snap1", &other.id, &BTreeMap::new(), &Secrets::default()).await,
+        b.create_snapshot("snap1", &other.id, &BTreeMap::new(), &Secrets::default())
+            .await,
         Err(Error::AlreadyExists(_))
     ));
     std::fs::write(tmp.path().join("src/sub/f"), b"changed").unwrap();
@@ -92,25 +118,55 @@ async fn snapshot_restore_clone_and_delete_keep_bytes() {
     let mut r = req("restored", 1 << 20);
     r.source = Some(ContentSource::Snapshot(s.id.clone()));
     b.create_volume(&r).await.unwrap();
-    assert_eq!(std::fs::read(tmp.path().join("restored/sub/f")).unwrap(), b"hello");
+    assert_eq!(
+        std::fs::read(tmp.path().join("restored/sub/f")).unwrap(),
+        b"hello"
+    );
     // Symlinks are copied as links, not followed.
-    assert_eq!(std::fs::read_link(tmp.path().join("restored/link")).unwrap().to_str(), Some("/etc/passwd"));
+    assert_eq!(
+        std::fs::read_link(tmp.path().join("restored/link"))
+            .unwrap()
+            .to_str(),
+        Some("/etc/passwd")
+    );
 
     let mut c = req("clone", 1 << 20);
     c.source = Some(ContentSource::Volume(v.id.clone()));
     b.create_volume(&c).await.unwrap();
-    assert_eq!(std::fs::read(tmp.path().join("clone/sub/f")).unwrap(), b"changed");
+    assert_eq!(
+        std::fs::read(tmp.path().join("clone/sub/f")).unwrap(),
+        b"changed"
+    );
 
-    let snaps = b.list_snapshots(&SnapshotFilter { source_volume_id: Some(v.id.clone()), ..Default::default() }, None, 0).await.unwrap();
+    let snaps = b
+        .list_snapshots(
+            &SnapshotFilter {
+                source_volume_id: Some(v.id.clone()),
+                ..Default::default()
+            },
+            None,
+            0,
+        )
+        .await
+        .unwrap();
     assert_eq!(snaps.items.len(), 1);
     b.delete_snapshot(&s.id, &Secrets::default()).await.unwrap();
     b.delete_snapshot(&s.id, &Secrets::default()).await.unwrap();
-    assert!(b.list_snapshots(&SnapshotFilter::default(), None, 0).await.unwrap().items.is_empty());
+    assert!(
+        b.list_snapshots(&SnapshotFilter::default(), None, 0)
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
 
     b.delete_volume(&v.id, &Secrets::default()).await.unwrap();
     assert!(!tmp.path().join("src").exists());
     b.delete_volume(&v.id, &Secrets::default()).await.unwrap();
-    assert!(matches!(b.get_volume(&v.id).await, Err(Error::NotFound { .. })));
+    assert!(matches!(
+        b.get_volume(&v.id).await,
+        Err(Error::NotFound { .. })
+    ));
 }
 
 #[tokio::test]
@@ -139,23 +195,36 @@ async fn templates_nest_and_prune_their_parents() {
     let tmp = tempfile::tempdir().unwrap();
     let b = backend(tmp.path()).await;
     let mut r = req("pvc-1", 0);
-    r.parameters.insert("subDir".into(), "${pvc.metadata.namespace}/${pvc.metadata.name}".into());
-    r.parameters.insert("csi.storage.k8s.io/pvc/namespace".into(), "team".into());
-    r.parameters.insert("csi.storage.k8s.io/pvc/name".into(), "data".into());
+    r.parameters.insert(
+        "subDir".into(),
+        "${pvc.metadata.namespace}/${pvc.metadata.name}".into(),
+    );
+    r.parameters
+        .insert("csi.storage.k8s.io/pvc/namespace".into(), "team".into());
+    r.parameters
+        .insert("csi.storage.k8s.io/pvc/name".into(), "data".into());
     let v = b.create_volume(&r).await.unwrap();
     assert_eq!(v.id, "default/team/data");
     assert!(tmp.path().join("team/data").is_dir());
     // Another volume name mapping to the same directory is refused, not merged.
     let mut r2 = r.clone();
     r2.name = "pvc-2".into();
-    assert!(matches!(b.create_volume(&r2).await, Err(Error::AlreadyExists(_))));
+    assert!(matches!(
+        b.create_volume(&r2).await,
+        Err(Error::AlreadyExists(_))
+    ));
     b.delete_volume(&v.id, &Secrets::default()).await.unwrap();
     assert!(!tmp.path().join("team").exists());
     // Templates cannot climb out.
     let mut bad = req("pvc-3", 0);
-    bad.parameters.insert("subDir".into(), "../${pvc.metadata.name}".into());
-    bad.parameters.insert("csi.storage.k8s.io/pvc/name".into(), "x".into());
-    assert!(matches!(b.create_volume(&bad).await, Err(Error::InvalidArgument { .. })));
+    bad.parameters
+        .insert("subDir".into(), "../${pvc.metadata.name}".into());
+    bad.parameters
+        .insert("csi.storage.k8s.io/pvc/name".into(), "x".into());
+    assert!(matches!(
+        b.create_volume(&bad).await,
+        Err(Error::InvalidArgument { .. })
+    ));
 }
 
 #[tokio::test]
@@ -175,13 +244,21 @@ async fn list_pages_and_recycle_scrubs() {
             break;
         }
     }
-    assert_eq!(seen, (0..5).map(|i| format!("default/v{i}")).collect::<Vec<_>>());
-    assert!(matches!(b.list_volumes(Some("not-a-token"), 2).await, Err(Error::Aborted(_))));
+    assert_eq!(
+        seen,
+        (0..5).map(|i| format!("default/v{i}")).collect::<Vec<_>>()
+    );
+    assert!(matches!(
+        b.list_volumes(Some("not-a-token"), 2).await,
+        Err(Error::Aborted(_))
+    ));
 
     std::fs::create_dir_all(tmp.path().join("v0/deep/er")).unwrap();
     std::fs::write(tmp.path().join("v0/deep/er/f"), b"secret").unwrap();
     std::fs::write(tmp.path().join("v0/.hidden"), b"x").unwrap();
-    b.recycle_volume("default/v0", &Secrets::default()).await.unwrap();
+    b.recycle_volume("default/v0", &Secrets::default())
+        .await
+        .unwrap();
     assert!(tmp.path().join("v0").is_dir());
     assert_eq!(std::fs::read_dir(tmp.path().join("v0")).unwrap().count(), 0);
 }
@@ -196,7 +273,10 @@ async fn leftovers_of_a_killed_create_are_cleaned_by_the_retry() {
         use sha2::Digest;
         hex::encode(sha2::Sha256::digest(b"crashy"))[..40].to_string()
     };
-    let tmpdir = tmp.path().join(".stowage/tmp").join(format!("{key_prefix}.deadbeef"));
+    let tmpdir = tmp
+        .path()
+        .join(".stowage/tmp")
+        .join(format!("{key_prefix}.deadbeef"));
     std::fs::create_dir_all(tmpdir.join("junk")).unwrap();
     b.create_volume(&req("crashy", 0)).await.unwrap();
     assert!(!tmpdir.exists());
@@ -212,11 +292,24 @@ async fn block_volumes_are_sparse_images_that_grow() {
     let v = b.create_volume(&r).await.unwrap();
     let img = tmp.path().join("blk/disk.img");
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 8 << 20);
-    let e = b.expand_volume(&v.id, CapacityRange { required: 16 << 20, limit: None }, &Secrets::default()).await.unwrap();
+    let e = b
+        .expand_volume(
+            &v.id,
+            CapacityRange {
+                required: 16 << 20,
+                limit: None,
+            },
+            &Secrets::default(),
+        )
+        .await
+        .unwrap();
     assert!(e.node_expansion_required);
     assert_eq!(std::fs::metadata(&img).unwrap().len(), 16 << 20);
     // Asking for a filesystem of the same name is a different volume: refused.
-    assert!(matches!(b.create_volume(&req("blk", 16 << 20)).await, Err(Error::AlreadyExists(_))));
+    assert!(matches!(
+        b.create_volume(&req("blk", 16 << 20)).await,
+        Err(Error::AlreadyExists(_))
+    ));
 }
 
 #[tokio::test]
@@ -234,7 +327,10 @@ async fn snapshots_of_block_volumes_stay_sparse() {
         f.seek(SeekFrom::Start(100 << 20)).unwrap();
         f.write_all(&[9u8; 4096]).unwrap();
     }
-    let s = b.create_snapshot("blk-snap", &v.id, &BTreeMap::new(), &Secrets::default()).await.unwrap();
+    let s = b
+        .create_snapshot("blk-snap", &v.id, &BTreeMap::new(), &Secrets::default())
+        .await
+        .unwrap();
     let mut restore = req("blk-restored", 256 << 20);
     restore.capabilities = vec![cap(true)];
     restore.source = Some(ContentSource::Snapshot(s.id.clone()));
@@ -243,7 +339,11 @@ async fn snapshots_of_block_volumes_stay_sparse() {
     let md = std::fs::metadata(&copy).unwrap();
     assert_eq!(md.len(), 256 << 20);
     // Allocated blocks (512-byte units): a few KiB, not 256 MiB of copied zeros.
-    assert!(md.blocks() * 512 < 4 << 20, "copy is not sparse: {} bytes allocated", md.blocks() * 512);
+    assert!(
+        md.blocks() * 512 < 4 << 20,
+        "copy is not sparse: {} bytes allocated",
+        md.blocks() * 512
+    );
     let data = std::fs::read(&copy).unwrap();
     assert_eq!(&data[(100 << 20)..(100 << 20) + 4096], &[9u8; 4096][..]);
 }

@@ -43,8 +43,13 @@ async fn main() -> anyhow::Result<()> {
         "--node-id must not be empty"
     );
     anyhow::ensure!(args.max_volumes >= 0, "--max-volumes must not be negative");
-    anyhow::ensure!(args.mount_timeout_secs > 0, "--mount-timeout-secs must be positive");
-    stowage_backends::command::set_mount_timeout(std::time::Duration::from_secs(args.mount_timeout_secs));
+    anyhow::ensure!(
+        args.mount_timeout_secs > 0,
+        "--mount-timeout-secs must be positive"
+    );
+    stowage_backends::command::set_mount_timeout(std::time::Duration::from_secs(
+        args.mount_timeout_secs,
+    ));
     let endpoint = Endpoint::parse(&args.endpoint).context("--endpoint")?;
     let config = stowage_backends::Config::load(&args.config)?;
     let backend = stowage_backends::build_node(&config);

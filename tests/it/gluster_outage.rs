@@ -147,7 +147,10 @@ async fn glusterd_down_gives_clear_errors_and_no_half_volumes() {
     rustix::process::kill_process(gpid, rustix::process::Signal::KILL).unwrap();
     let t = std::time::Instant::now();
     let st = create.await.unwrap().unwrap_err();
-    eprintln!("create answered {:?} after glusterd was killed: {st:?}", t.elapsed());
+    eprintln!(
+        "create answered {:?} after glusterd was killed: {st:?}",
+        t.elapsed()
+    );
     assert_eq!(st.code(), Code::Unavailable, "{st:?}");
     assert!(st.message().contains("glusterd"), "{st:?}");
     assert!(!g.on_brick(&e.base, "pvc-mid").exists());

@@ -58,7 +58,10 @@ fn guest(v: &Vm, args: &[&str]) -> (i32, String) {
         .args(args)
         .output()
         .expect("node-vm.sh exec");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 async fn node(v: &Vm) -> NodeClient<Channel> {
@@ -91,7 +94,8 @@ async fn controller(v: &Vm, dir: &Path, base: &str) -> (Plugin, stowage_tests::C
 
 fn in_guest_mounts(v: &Vm, path: &Path) -> bool {
     let (_, out) = guest(v, &["cat", "/proc/mounts"]);
-    out.lines().any(|l| l.split(' ').nth(1) == Some(path.to_str().unwrap()))
+    out.lines()
+        .any(|l| l.split(' ').nth(1) == Some(path.to_str().unwrap()))
 }
 
 #[tokio::test]
@@ -102,11 +106,28 @@ async fn nfs_v3_and_v41_mounts_carry_bytes_both_ways() {
     let (_p, mut c) = controller(&v, dir.path(), &base).await;
     let mut n = node(&v).await;
     let variants: Vec<(&str, Vec<String>)> = vec![
-        ("v3", vec!["vers=3".into(), "proto=tcp".into(), format!("port={}", v.port), format!("mountport={}", v.mount_port), "mountproto=tcp".into(), "nolock".into()]),
+        (
+            "v3",
+            vec![
+                "vers=3".into(),
+                "proto=tcp".into(),
+                format!("port={}", v.port),
+                format!("mountport={}", v.mount_port),
+                "mountproto=tcp".into(),
+                "nolock".into(),
+            ],
+        ),
         ("v41", vec!["vers=4.1".into(), format!("port={}", v.port)]),
     ];
     for (tag, flags) in variants {
-        let vol = c.controller.create_volume(wire::create(&format!("pvc-{tag}"), 1 << 20)).await.unwrap().into_inner().volume.unwrap();
+        let vol = c
+            .controller
+            .create_volume(wire::create(&format!("pvc-{tag}"), 1 << 20))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
         let work = v.share.join(format!("{tag}-{}", std::process::id()));
         let staging = work.join("staging");
         let target = work.join("pod/mount");
@@ -122,7 +143,10 @@ async fn nfs_v3_and_v41_mounts_carry_bytes_both_ways() {
         })
         .await
         .unwrap_or_else(|e| panic!("{tag}: stage: {e:?}"));
-        eprintln!("{tag}: NodeStageVolume (kernel NFS mount in the guest) took {:?}", t.elapsed());
+        eprintln!(
+            "{tag}: NodeStageVolume (kernel NFS mount in the guest) took {:?}",
+            t.elapsed()
+        );
         for _ in 0..2 {
             n.node_publish_volume(v1::NodePublishVolumeRequest {
                 volume_id: vol.volume_id.clone(),
@@ -136,32 +160,80 @@ async fn nfs_v3_and_v41_mounts_carry_bytes_both_ways() {
             .unwrap();
         }
         let (_, mounts) = guest(&v, &["cat", "/proc/mounts"]);
-        let line = mounts.lines().find(|l| l.split(' ').nth(1) == Some(staging.to_str().unwrap())).unwrap_or_else(|| panic!("{tag}: not mounted:\n{mounts}"));
-        assert!(line.contains(" nfs") && line.contains(if tag == "v3" { "vers=3" } else { "vers=4.1" }), "{tag}: {line}");
+        let line = mounts
+            .lines()
+            .find(|l| l.split(' ').nth(1) == Some(staging.to_str().unwrap()))
+            .unwrap_or_else(|| panic!("{tag}: not mounted:\n{mounts}"));
+        assert!(
+            line.contains(" nfs") && line.contains(if tag == "v3" { "vers=3" } else { "vers=4.1" }),
+            "{tag}: {line}"
+        );
 
         // Guest → server.
         let file = target.join("from-guest");
-        let (rc, _) = guest(&v, &["/bin/sh", "-c", &format!("echo hello-{tag} > '{}' && sync", file.display())]);
+        let (rc, _) = guest(
+            &v,
+            &[
+                "/bin/sh",
+                "-c",
+                &format!("echo hello-{tag} > '{}' && sync", file.display()),
+            ],
+        );
         assert_eq!(rc, 0);
-        let on_server = v.export_dir.join(&base).join(format!("pvc-{tag}/from-guest"));
-        assert_eq!(std::fs::read_to_string(&on_server).unwrap(), format!("hello-{tag}\n"));
+        let on_server = v
+            .export_dir
+            .join(&base)
+            .join(format!("pvc-{tag}/from-guest"));
+        assert_eq!(
+            std::fs::read_to_string(&on_server).unwrap(),
+            format!("hello-{tag}\n")
+        );
         // Server → guest.
-        std::fs::write(v.export_dir.join(&base).join(format!("pvc-{tag}/from-host")), b"from the server").unwrap();
+        std::fs::write(
+            v.export_dir
+                .join(&base)
+                .join(format!("pvc-{tag}/from-host")),
+            b"from the server",
+        )
+        .unwrap();
         let (rc, out) = guest(&v, &["cat", &target.join("from-host").to_string_lossy()]);
         assert_eq!((rc, out.as_str()), (0, "from the server"));
 
         let stats = n
-            .node_get_volume_stats(v1::NodeGetVolumeStatsRequest { volume_id: vol.volume_id.clone(), volume_path: target.to_string_lossy().into(), staging_target_path: String::new() })
+            .node_get_volume_stats(v1::NodeGetVolumeStatsRequest {
+                volume_id: vol.volume_id.clone(),
+                volume_path: target.to_string_lossy().into(),
+                staging_target_path: String::new(),
+            })
             .await
             .unwrap()
             .into_inner();
         assert!(!stats.volume_condition.unwrap().abnormal);
         assert!(stats.usage[0].total > 0);
 
-        n.node_unpublish_volume(v1::NodeUnpublishVolumeRequest { volume_id: vol.volume_id.clone(), target_path: target.to_string_lossy().into() }).await.unwrap();
-        n.node_unstage_volume(v1::NodeUnstageVolumeRequest { volume_id: vol.volume_id.clone(), staging_target_path: staging.to_string_lossy().into() }).await.unwrap();
-        assert!(!in_guest_mounts(&v, &staging), "{tag}: staging still mounted");
-        c.controller.delete_volume(v1::DeleteVolumeRequest { volume_id: vol.volume_id, ..Default::default() }).await.unwrap();
+        n.node_unpublish_volume(v1::NodeUnpublishVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            target_path: target.to_string_lossy().into(),
+        })
+        .await
+        .unwrap();
+        n.node_unstage_volume(v1::NodeUnstageVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            staging_target_path: staging.to_string_lossy().into(),
+        })
+        .await
+        .unwrap();
+        assert!(
+            !in_guest_mounts(&v, &staging),
+            "{tag}: staging still mounted"
+        );
+        c.controller
+            .delete_volume(v1::DeleteVolumeRequest {
+                volume_id: vol.volume_id,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
         assert!(!on_server.exists());
     }
 }
@@ -182,8 +254,20 @@ async fn a_hung_server_does_not_poison_later_calls() {
     let work = v.share.join(format!("hung-{}", std::process::id()));
     let staging = work.join("staging");
     std::fs::create_dir_all(&staging).unwrap();
-    let ctx = [("server".to_string(), v.server.clone()), ("share".to_string(), "/export/nothing".to_string())].into_iter().collect();
-    let flags = vec!["vers=3".into(), "proto=tcp".into(), format!("port={port}"), format!("mountport={port}"), "mountproto=tcp".into(), "nolock".into()];
+    let ctx = [
+        ("server".to_string(), v.server.clone()),
+        ("share".to_string(), "/export/nothing".to_string()),
+    ]
+    .into_iter()
+    .collect();
+    let flags = vec![
+        "vers=3".into(),
+        "proto=tcp".into(),
+        format!("port={port}"),
+        format!("mountport={port}"),
+        "mountproto=tcp".into(),
+        "nolock".into(),
+    ];
     let t = Instant::now();
     let st = n
         .node_stage_volume(v1::NodeStageVolumeRequest {
@@ -199,12 +283,22 @@ async fn a_hung_server_does_not_poison_later_calls() {
     assert_eq!(st.code(), Code::Unavailable, "{st:?}");
     assert!(st.message().contains("killed"), "{}", st.message());
     // The suite starts the node with --mount-timeout-secs 8.
-    assert!(hung_for < Duration::from_secs(40), "the hung mount held the call for {hung_for:?}");
+    assert!(
+        hung_for < Duration::from_secs(40),
+        "the hung mount held the call for {hung_for:?}"
+    );
 
     // The next call, to a healthy server, is not stuck behind the dead one.
     let dir = tempfile::tempdir().unwrap();
     let (_p, mut c) = controller(&v, dir.path(), &format!("hung-{}", std::process::id())).await;
-    let vol = c.controller.create_volume(wire::create("pvc-after", 0)).await.unwrap().into_inner().volume.unwrap();
+    let vol = c
+        .controller
+        .create_volume(wire::create("pvc-after", 0))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     let good = work.join("good");
     std::fs::create_dir_all(&good).unwrap();
     let flags = vec!["vers=4.1".into(), format!("port={}", v.port)];
@@ -218,7 +312,16 @@ async fn a_hung_server_does_not_poison_later_calls() {
     })
     .await
     .unwrap();
-    assert!(t.elapsed() < Duration::from_secs(20), "healthy stage took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "healthy stage took {:?}",
+        t.elapsed()
+    );
     assert!(in_guest_mounts(&v, &good));
-    n.node_unstage_volume(v1::NodeUnstageVolumeRequest { volume_id: vol.volume_id, staging_target_path: good.to_string_lossy().into() }).await.unwrap();
+    n.node_unstage_volume(v1::NodeUnstageVolumeRequest {
+        volume_id: vol.volume_id,
+        staging_target_path: good.to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
 }

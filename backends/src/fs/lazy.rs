@@ -26,7 +26,10 @@ impl<F: Fs> Lazy<F> {
         C: Fn() -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<F>> + Send + 'static,
     {
-        Lazy { cell: OnceCell::new(), connect: Arc::new(move || Box::pin(connect())) }
+        Lazy {
+            cell: OnceCell::new(),
+            connect: Arc::new(move || Box::pin(connect())),
+        }
     }
 
     async fn get(&self) -> Result<&F> {

@@ -255,7 +255,15 @@ impl Fs for LocalFs {
         };
         crate::command::run_tied(
             "cp",
-            &["--archive", "--sparse=always", "--reflink=auto", "--no-target-directory", "--", fs, ts],
+            &[
+                "--archive",
+                "--sparse=always",
+                "--reflink=auto",
+                "--no-target-directory",
+                "--",
+                fs,
+                ts,
+            ],
             COPY_TIMEOUT,
         )
         .await
