@@ -351,7 +351,12 @@ async fn reconcile_claim(
                 node: node.as_ref(),
             },
         );
-        tracing::debug!(class = class_name, class_known = class.is_some(), ?actions, "claim sync");
+        tracing::debug!(
+            class = class_name,
+            class_known = class.is_some(),
+            ?actions,
+            "claim sync"
+        );
         let mut run = ClaimRun {
             ctx: &ctx,
             claim: (*claim).clone(),

@@ -57,26 +57,41 @@ async fn dynamic_with_delete() -> Result<()> {
                        "parameters": {"subDir": "${pvc.metadata.namespace}-${pvc.metadata.name}"}}),
             )
             .await?;
-        let claim = w.create_claim("data", Some(&class), "2Gi", &["ReadWriteOnce"], json!({})).await?;
+        let claim = w
+            .create_claim("data", Some(&class), "2Gi", &["ReadWriteOnce"], json!({}))
+            .await?;
         let uid = claim.metadata.uid.clone().unwrap_or_default();
         let pv = w.wait_bound("data", T).await?;
 
         // The PV records everything about the volume.
         assert_eq!(pv_name(&pv), format!("pvc-{uid}"));
         let ann = pv.metadata.annotations.clone().unwrap_or_default();
-        assert_eq!(ann.get("pv.kubernetes.io/provisioned-by").map(String::as_str), Some(DRIVER));
-        assert!(has(&pv.metadata.finalizers, "provisioner.stowage.io/finalizer"));
+        assert_eq!(
+            ann.get("pv.kubernetes.io/provisioned-by")
+                .map(String::as_str),
+            Some(DRIVER)
+        );
+        assert!(has(
+            &pv.metadata.finalizers,
+            "provisioner.stowage.io/finalizer"
+        ));
         let spec = pv.spec.clone().unwrap();
         let csi = spec.csi.clone().unwrap();
         assert_eq!(csi.driver, DRIVER);
         assert_eq!(csi.volume_handle, format!("default/{}-data", w.ns));
         assert_eq!(spec.capacity.unwrap()["storage"].0, "2Gi");
-        assert_eq!(spec.persistent_volume_reclaim_policy.as_deref(), Some("Delete"));
+        assert_eq!(
+            spec.persistent_volume_reclaim_policy.as_deref(),
+            Some("Delete")
+        );
         assert_eq!(spec.storage_class_name.as_deref(), Some(class.as_str()));
         assert_eq!(spec.mount_options, Some(vec!["noatime".to_string()]));
         assert_eq!(spec.access_modes, Some(vec!["ReadWriteOnce".to_string()]));
         let cref = spec.claim_ref.unwrap();
-        assert_eq!((cref.name.as_deref(), cref.uid.as_deref()), (Some("data"), Some(uid.as_str())));
+        assert_eq!(
+            (cref.name.as_deref(), cref.uid.as_deref()),
+            (Some("data"), Some(uid.as_str()))
+        );
 
         // Real storage behind it.
         let dir = w.volume_dir(&pv);
@@ -84,7 +99,9 @@ async fn dynamic_with_delete() -> Result<()> {
         write_file(&dir, "payload", b"hello")?;
 
         // kubectl describe shows what happened.
-        let described = w.cluster.kubectl(&["-n", &w.ns, "describe", "pvc", "data"])?;
+        let described = w
+            .cluster
+            .kubectl(&["-n", &w.ns, "describe", "pvc", "data"])?;
         assert!(described.contains("ProvisioningSucceeded"), "{described}");
         assert!(described.contains("Provisioning"), "{described}");
 
@@ -100,10 +117,19 @@ async fn dynamic_with_delete() -> Result<()> {
 async fn dynamic_with_retain() -> Result<()> {
     let _g = serial();
     with_world("dynamic_retain", true, async |w: &mut World| {
-        let class = w.create_class("keep", json!({"reclaimPolicy": "Retain"})).await?;
-        w.create_claim("data", Some(&class), "1Gi", &["ReadWriteOnce"], json!({})).await?;
+        let class = w
+            .create_class("keep", json!({"reclaimPolicy": "Retain"}))
+            .await?;
+        w.create_claim("data", Some(&class), "1Gi", &["ReadWriteOnce"], json!({}))
+            .await?;
         let pv = w.wait_bound("data", T).await?;
-        assert!(pv.metadata.finalizers.iter().flatten().all(|f| f != "provisioner.stowage.io/finalizer"));
+        assert!(
+            pv.metadata
+                .finalizers
+                .iter()
+                .flatten()
+                .all(|f| f != "provisioner.stowage.io/finalizer")
+        );
         let dir = w.volume_dir(&pv);
         write_file(&dir, "keep-me", b"precious")?;
         delete_claim(w, "data").await?;
@@ -111,7 +137,10 @@ async fn dynamic_with_retain() -> Result<()> {
         // Give a wrong-doer time to act, then check nothing did.
         tokio::time::sleep(Duration::from_secs(4)).await;
         let still = w.pvs().get(&pv_name(&pv)).await?;
-        assert_eq!(still.status.and_then(|s| s.phase).as_deref(), Some("Released"));
+        assert_eq!(
+            still.status.and_then(|s| s.phase).as_deref(),
+            Some("Released")
+        );
         assert_eq!(std::fs::read(dir.join("keep-me"))?, b"precious");
         Ok(())
     })
@@ -123,12 +152,23 @@ async fn recycle_scrubs_and_reuses() -> Result<()> {
     let _g = serial();
     with_world("recycle", true, async |w: &mut World| {
         let class = w
-            .create_class("reuse", json!({"reclaimPolicy": "Retain", "parameters": {"stowage.io/reclaim": "recycle"}}))
+            .create_class(
+                "reuse",
+                json!({"reclaimPolicy": "Retain", "parameters": {"stowage.io/reclaim": "recycle"}}),
+            )
             .await?;
-        w.create_claim("first", Some(&class), "1Gi", &["ReadWriteOnce"], json!({})).await?;
+        w.create_claim("first", Some(&class), "1Gi", &["ReadWriteOnce"], json!({}))
+            .await?;
         let pv = w.wait_bound("first", T).await?;
         let name = pv_name(&pv);
-        assert_eq!(pv.spec.as_ref().unwrap().persistent_volume_reclaim_policy.as_deref(), Some("Recycle"));
+        assert_eq!(
+            pv.spec
+                .as_ref()
+                .unwrap()
+                .persistent_volume_reclaim_policy
+                .as_deref(),
+            Some("Recycle")
+        );
         let dir = w.volume_dir(&pv);
         write_file(&dir, "secret.txt", b"old tenant data")?;
         std::fs::create_dir_all(dir.join("sub/deeper"))?;
@@ -136,13 +176,18 @@ async fn recycle_scrubs_and_reuses() -> Result<()> {
 
         delete_claim(w, "first").await?;
         let pv = w.wait_pv_phase(&name, "Available", T).await?;
-        assert!(pv.spec.as_ref().unwrap().claim_ref.is_none(), "a recycled volume is free for any claim");
+        assert!(
+            pv.spec.as_ref().unwrap().claim_ref.is_none(),
+            "a recycled volume is free for any claim"
+        );
         assert!(dir.is_dir(), "the volume itself stays");
         assert_eq!(std::fs::read_dir(&dir)?.count(), 0, "old data must be gone");
-        w.wait_event("default", "PersistentVolume", &name, "VolumeRecycled", T).await?;
+        w.wait_event("default", "PersistentVolume", &name, "VolumeRecycled", T)
+            .await?;
 
         // A new claim gets the recycled volume (not a new one).
-        w.create_claim("second", Some(&class), "1Gi", &["ReadWriteOnce"], json!({})).await?;
+        w.create_claim("second", Some(&class), "1Gi", &["ReadWriteOnce"], json!({}))
+            .await?;
         let again = w.wait_bound("second", T).await?;
         assert_eq!(pv_name(&again), name);
         assert_eq!(w.backend_dirs().len(), 1);
@@ -157,8 +202,11 @@ async fn recycle_scrubs_and_reuses() -> Result<()> {
 async fn recycle_set_by_hand_on_a_failed_volume() -> Result<()> {
     let _g = serial();
     with_world("recycle_by_hand", true, async |w: &mut World| {
-        let class = w.create_class("manual", json!({"reclaimPolicy": "Retain"})).await?;
-        w.create_claim("data", Some(&class), "1Gi", &["ReadWriteOnce"], json!({})).await?;
+        let class = w
+            .create_class("manual", json!({"reclaimPolicy": "Retain"}))
+            .await?;
+        w.create_claim("data", Some(&class), "1Gi", &["ReadWriteOnce"], json!({}))
+            .await?;
         let pv = w.wait_bound("data", T).await?;
         let name = pv_name(&pv);
         write_file(&w.volume_dir(&pv), "old", b"old")?;
@@ -166,7 +214,11 @@ async fn recycle_set_by_hand_on_a_failed_volume() -> Result<()> {
         w.prov.as_mut().unwrap().kill();
         delete_claim(w, "data").await?;
         w.pvs()
-            .patch(&name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"persistentVolumeReclaimPolicy": "Recycle"}})))
+            .patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"persistentVolumeReclaimPolicy": "Recycle"}})),
+            )
             .await?;
         if w.binder() == Binder::Kcm {
             let failed = w.wait_pv_phase(&name, "Failed", T).await?;
@@ -185,7 +237,13 @@ async fn recycle_set_by_hand_on_a_failed_volume() -> Result<()> {
 }
 
 /// Creates a volume on the backend through CSI and a static PV for it.
-async fn static_volume(w: &World, name: &str, class: &str, size: &str, labels: serde_json::Value) -> Result<String> {
+async fn static_volume(
+    w: &World,
+    name: &str,
+    class: &str,
+    size: &str,
+    labels: serde_json::Value,
+) -> Result<String> {
     let mut c = controller_clients(stowage_csi::client::connect(&w.ctl.endpoint).await?);
     let vol = c
         .controller
@@ -222,7 +280,14 @@ async fn static_volume_binds_only_a_matching_claim() -> Result<()> {
         })
         .await?;
         // Too big and wrong selector: both stay Pending.
-        w.create_claim("too-big", Some(&class), "5Gi", &["ReadWriteOnce"], json!({})).await?;
+        w.create_claim(
+            "too-big",
+            Some(&class),
+            "5Gi",
+            &["ReadWriteOnce"],
+            json!({}),
+        )
+        .await?;
         w.create_claim(
             "wrong-tier",
             Some(&class),
@@ -231,11 +296,22 @@ async fn static_volume_binds_only_a_matching_claim() -> Result<()> {
             json!({"spec": {"selector": {"matchLabels": {"tier": "silver"}}}}),
         )
         .await?;
-        w.create_claim("wrong-mode", Some(&class), "1Gi", &["ReadWriteMany"], json!({})).await?;
+        w.create_claim(
+            "wrong-mode",
+            Some(&class),
+            "1Gi",
+            &["ReadWriteMany"],
+            json!({}),
+        )
+        .await?;
         tokio::time::sleep(Duration::from_secs(4)).await;
         for c in ["too-big", "wrong-tier", "wrong-mode"] {
             let claim = w.claim(c).await?.unwrap();
-            assert_eq!(claim.status.and_then(|s| s.phase).as_deref(), Some("Pending"), "{c}");
+            assert_eq!(
+                claim.status.and_then(|s| s.phase).as_deref(),
+                Some("Pending"),
+                "{c}"
+            );
             assert!(claim.spec.and_then(|s| s.volume_name).is_none(), "{c}");
         }
         // The matching one gets it.
@@ -251,7 +327,11 @@ async fn static_volume_binds_only_a_matching_claim() -> Result<()> {
         assert_eq!(pv_name(&bound), pv);
         let claim = w.claim("fits").await?.unwrap();
         let ann = claim.metadata.annotations.unwrap_or_default();
-        assert_eq!(ann.get("pv.kubernetes.io/bind-completed").map(String::as_str), Some("yes"));
+        assert_eq!(
+            ann.get("pv.kubernetes.io/bind-completed")
+                .map(String::as_str),
+            Some("yes")
+        );
         assert_eq!(claim.status.unwrap().capacity.unwrap()["storage"].0, "2Gi");
         // No provisioning happened for any of them.
         assert_eq!(w.backend_dirs(), vec!["gold".to_string()]);
@@ -270,11 +350,24 @@ async fn wait_for_first_consumer() -> Result<()> {
         let nodes: Api<Node> = Api::all(w.client.clone());
         nodes.create(&PostParams::default(), &node).await?;
         let r = async {
-            let class = w.create_class("late", json!({"volumeBindingMode": "WaitForFirstConsumer"})).await?;
-            w.create_claim("data", Some(&class), "1Gi", &["ReadWriteOnce"], json!({})).await?;
-            w.wait_event(&w.ns, "PersistentVolumeClaim", "data", "WaitForFirstConsumer", T).await?;
+            let class = w
+                .create_class("late", json!({"volumeBindingMode": "WaitForFirstConsumer"}))
+                .await?;
+            w.create_claim("data", Some(&class), "1Gi", &["ReadWriteOnce"], json!({}))
+                .await?;
+            w.wait_event(
+                &w.ns,
+                "PersistentVolumeClaim",
+                "data",
+                "WaitForFirstConsumer",
+                T,
+            )
+            .await?;
             tokio::time::sleep(Duration::from_secs(2)).await;
-            ensure!(w.backend_dirs().is_empty(), "provisioned before a consumer existed");
+            ensure!(
+                w.backend_dirs().is_empty(),
+                "provisioned before a consumer existed"
+            );
             let claim = w.claim("data").await?.unwrap();
             ensure!(claim.spec.and_then(|s| s.volume_name).is_none());
 
@@ -318,16 +411,40 @@ async fn access_modes_the_driver_cannot_serve_are_refused() -> Result<()> {
     with_world("access_modes", true, async |w: &mut World| {
         let class = w.create_class("modes", json!({})).await?;
         // Raw block images live on one node: a multi-node writer cannot be served.
-        w.create_claim("shared-block", Some(&class), "1Gi", &["ReadWriteMany"], json!({"spec": {"volumeMode": "Block"}}))
+        w.create_claim(
+            "shared-block",
+            Some(&class),
+            "1Gi",
+            &["ReadWriteMany"],
+            json!({"spec": {"volumeMode": "Block"}}),
+        )
+        .await?;
+        let ev = w
+            .wait_event(
+                &w.ns,
+                "PersistentVolumeClaim",
+                "shared-block",
+                "ProvisioningFailed",
+                T,
+            )
             .await?;
-        let ev = w.wait_event(&w.ns, "PersistentVolumeClaim", "shared-block", "ProvisioningFailed", T).await?;
         let msg = ev.message.unwrap_or_default();
         assert!(msg.contains("multi-node"), "the event says why: {msg}");
         assert_eq!(ev.type_.as_deref(), Some("Warning"));
         // ReadWriteOncePod is served.
-        w.create_claim("single-pod", Some(&class), "1Gi", &["ReadWriteOncePod"], json!({})).await?;
+        w.create_claim(
+            "single-pod",
+            Some(&class),
+            "1Gi",
+            &["ReadWriteOncePod"],
+            json!({}),
+        )
+        .await?;
         let pv = w.wait_bound("single-pod", T).await?;
-        assert_eq!(pv.spec.unwrap().access_modes, Some(vec!["ReadWriteOncePod".to_string()]));
+        assert_eq!(
+            pv.spec.unwrap().access_modes,
+            Some(vec!["ReadWriteOncePod".to_string()])
+        );
         // The refused claim is still Pending, with nothing made for it.
         let c = w.claim("shared-block").await?.unwrap();
         assert_eq!(c.status.and_then(|s| s.phase).as_deref(), Some("Pending"));
@@ -350,11 +467,22 @@ async fn killed_mid_provisioning_makes_exactly_one_volume() -> Result<()> {
         let mut proxy = HoldingProxy::start(&sock, upstream).await?;
         w.start_provisioner_at(&format!("unix://{}", sock.display()), &[])?;
         let class = w.create_class("crash", json!({})).await?;
-        let claim = w.create_claim("data", Some(&class), "1Gi", &["ReadWriteOnce"], json!({})).await?;
+        let claim = w
+            .create_claim("data", Some(&class), "1Gi", &["ReadWriteOnce"], json!({}))
+            .await?;
         let uid = claim.metadata.uid.unwrap_or_default();
-        tokio::time::timeout(T, proxy.wait_held()).await.context("CreateVolume never reached the controller")??;
-        assert_eq!(w.backend_dirs(), vec![format!("pvc-{uid}")], "the volume exists on the backend");
-        assert!(w.pvs().get_opt(&format!("pvc-{uid}")).await?.is_none(), "but no PV yet");
+        tokio::time::timeout(T, proxy.wait_held())
+            .await
+            .context("CreateVolume never reached the controller")??;
+        assert_eq!(
+            w.backend_dirs(),
+            vec![format!("pvc-{uid}")],
+            "the volume exists on the backend"
+        );
+        assert!(
+            w.pvs().get_opt(&format!("pvc-{uid}")).await?.is_none(),
+            "but no PV yet"
+        );
 
         w.prov.as_mut().unwrap().kill();
         drop(proxy);
@@ -366,11 +494,21 @@ async fn killed_mid_provisioning_makes_exactly_one_volume() -> Result<()> {
         let for_claim = all
             .items
             .iter()
-            .filter(|p| p.spec.as_ref().and_then(|s| s.claim_ref.as_ref()).and_then(|r| r.uid.as_deref()) == Some(uid.as_str()))
+            .filter(|p| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.claim_ref.as_ref())
+                    .and_then(|r| r.uid.as_deref())
+                    == Some(uid.as_str())
+            })
             .count();
         assert_eq!(for_claim, 1);
         let mut c = controller_clients(stowage_csi::client::connect(&w.ctl.endpoint).await?);
-        let listed = c.controller.list_volumes(v1::ListVolumesRequest::default()).await?.into_inner();
+        let listed = c
+            .controller
+            .list_volumes(v1::ListVolumesRequest::default())
+            .await?
+            .into_inner();
         assert_eq!(listed.entries.len(), 1, "{listed:?}");
         assert_eq!(w.backend_dirs(), vec![format!("pvc-{uid}")]);
         Ok(())
@@ -382,18 +520,32 @@ async fn killed_mid_provisioning_makes_exactly_one_volume() -> Result<()> {
 async fn delete_waits_for_the_backend() -> Result<()> {
     let _g = serial();
     with_world("backend_down", true, async |w: &mut World| {
-        let class = w.create_class("flaky", json!({"reclaimPolicy": "Delete"})).await?;
-        w.create_claim("data", Some(&class), "1Gi", &["ReadWriteOnce"], json!({})).await?;
+        let class = w
+            .create_class("flaky", json!({"reclaimPolicy": "Delete"}))
+            .await?;
+        w.create_claim("data", Some(&class), "1Gi", &["ReadWriteOnce"], json!({}))
+            .await?;
         let pv = w.wait_bound("data", T).await?;
         let name = pv_name(&pv);
         let dir = w.volume_dir(&pv);
         // The backend goes away.
         w.ctl.kill();
         delete_claim(w, "data").await?;
-        let ev = w.wait_event("default", "PersistentVolume", &name, "VolumeFailedDelete", T).await?;
+        let ev = w
+            .wait_event(
+                "default",
+                "PersistentVolume",
+                &name,
+                "VolumeFailedDelete",
+                T,
+            )
+            .await?;
         assert_eq!(ev.type_.as_deref(), Some("Warning"));
         let still = w.pvs().get(&name).await?;
-        assert_eq!(still.status.and_then(|s| s.phase).as_deref(), Some("Released"));
+        assert_eq!(
+            still.status.and_then(|s| s.phase).as_deref(),
+            Some("Released")
+        );
         assert!(dir.is_dir(), "nothing deleted while the backend was down");
         // It comes back: the retry succeeds.
         w.restart_controller().await?;
@@ -410,7 +562,14 @@ async fn import_creates_pvs_for_volumes_without_one() -> Result<()> {
     with_world("import", true, async |w: &mut World| {
         // One dynamically provisioned volume (has a PV), two made on the backend directly.
         let class = w.create_class("dyn", json!({})).await?;
-        w.create_claim("dynamic", Some(&class), "1Gi", &["ReadWriteOnce"], json!({})).await?;
+        w.create_claim(
+            "dynamic",
+            Some(&class),
+            "1Gi",
+            &["ReadWriteOnce"],
+            json!({}),
+        )
+        .await?;
         let dyn_pv = w.wait_bound("dynamic", T).await?;
         let mut c = controller_clients(stowage_csi::client::connect(&w.ctl.endpoint).await?);
         for n in ["legacy-a", "legacy-b"] {
@@ -424,29 +583,64 @@ async fn import_creates_pvs_for_volumes_without_one() -> Result<()> {
                 .args(args)
                 .env("KUBECONFIG", &w.sa_kubeconfig)
                 .output()?;
-            Ok((out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))))
+            Ok((
+                out.status.success(),
+                format!(
+                    "{}{}",
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ))
         };
         let (ok, listing) = import(&[])?;
         assert!(ok, "{listing}");
-        assert!(listing.contains("default/legacy-a") && listing.contains("default/legacy-b"), "{listing}");
+        assert!(
+            listing.contains("default/legacy-a") && listing.contains("default/legacy-b"),
+            "{listing}"
+        );
         assert!(listing.contains(&pv_name(&dyn_pv)), "{listing}");
         assert!(listing.contains("2 without a PV"), "{listing}");
 
         let static_class = w.class_name("imported");
         let (ok, out) = import(&["--storage-class", &static_class, "default/legacy-a"])?;
         assert!(ok, "{out}");
-        assert!(out.contains("created PV stowage-default-legacy-a-"), "{out}");
+        assert!(
+            out.contains("created PV stowage-default-legacy-a-"),
+            "{out}"
+        );
         assert!(out.contains("reclaim Retain"), "{out}");
         let (ok, again) = import(&["--storage-class", &static_class, "default/legacy-a"])?;
-        assert!(ok && again.contains("skipped default/legacy-a: already has PV"), "{again}");
+        assert!(
+            ok && again.contains("skipped default/legacy-a: already has PV"),
+            "{again}"
+        );
         // The driver refuses what it cannot serve (ValidateVolumeCapabilities).
-        let (ok, refused) = import(&["--access-mode", "ReadWriteMany", "--volume-mode", "Block", "default/legacy-b"])?;
-        assert!(!ok && refused.contains("failed  default/legacy-b"), "{refused}");
+        let (ok, refused) = import(&[
+            "--access-mode",
+            "ReadWriteMany",
+            "--volume-mode",
+            "Block",
+            "default/legacy-b",
+        ])?;
+        assert!(
+            !ok && refused.contains("failed  default/legacy-b"),
+            "{refused}"
+        );
 
-        w.create_claim("reuse", Some(&static_class), "3Gi", &["ReadWriteOnce"], json!({})).await?;
+        w.create_claim(
+            "reuse",
+            Some(&static_class),
+            "3Gi",
+            &["ReadWriteOnce"],
+            json!({}),
+        )
+        .await?;
         let pv = w.wait_bound("reuse", T).await?;
         assert!(pv_name(&pv).starts_with("stowage-default-legacy-a-"));
-        assert_eq!(pv.spec.unwrap().persistent_volume_reclaim_policy.as_deref(), Some("Retain"));
+        assert_eq!(
+            pv.spec.unwrap().persistent_volume_reclaim_policy.as_deref(),
+            Some("Retain")
+        );
         Ok(())
     })
     .await
@@ -464,23 +658,60 @@ async fn two_replicas_with_leader_election() -> Result<()> {
             "--leader-election-lease-duration",
             "4s",
         ];
-        let mut a = Provisioner::start(w.dir.path(), "replica-a", &w.sa_kubeconfig, &w.ctl_endpoint, w.binder(), &args)?;
-        let mut b = Provisioner::start(w.dir.path(), "replica-b", &w.sa_kubeconfig, &w.ctl_endpoint, w.binder(), &args)?;
+        let mut a = Provisioner::start(
+            w.dir.path(),
+            "replica-a",
+            &w.sa_kubeconfig,
+            &w.ctl_endpoint,
+            w.binder(),
+            &args,
+        )?;
+        let mut b = Provisioner::start(
+            w.dir.path(),
+            "replica-b",
+            &w.sa_kubeconfig,
+            &w.ctl_endpoint,
+            w.binder(),
+            &args,
+        )?;
         let class = w.create_class("ha", json!({})).await?;
         for i in 0..5 {
-            w.create_claim(&format!("c{i}"), Some(&class), "1Gi", &["ReadWriteOnce"], json!({})).await?;
+            w.create_claim(
+                &format!("c{i}"),
+                Some(&class),
+                "1Gi",
+                &["ReadWriteOnce"],
+                json!({}),
+            )
+            .await?;
         }
         for i in 0..5 {
             w.wait_bound(&format!("c{i}"), T).await?;
         }
         assert_eq!(w.backend_dirs().len(), 5);
-        let leaders = [&a, &b].iter().filter(|p| p.log_text().contains("became the leader")).count();
-        assert_eq!(leaders, 1, "A:\n{}\nB:\n{}", tail(&a.log_text(), 20), tail(&b.log_text(), 20));
+        let leaders = [&a, &b]
+            .iter()
+            .filter(|p| p.log_text().contains("became the leader"))
+            .count();
+        assert_eq!(
+            leaders,
+            1,
+            "A:\n{}\nB:\n{}",
+            tail(&a.log_text(), 20),
+            tail(&b.log_text(), 20)
+        );
         // The leader dies without releasing its lease: the other takes over.
-        let (leader, standby) = if a.log_text().contains("became the leader") { (&mut a, &mut b) } else { (&mut b, &mut a) };
+        let (leader, standby) = if a.log_text().contains("became the leader") {
+            (&mut a, &mut b)
+        } else {
+            (&mut b, &mut a)
+        };
         leader.kill();
-        w.create_claim("after", Some(&class), "1Gi", &["ReadWriteOnce"], json!({})).await?;
-        w.wait_bound("after", T).await.with_context(|| tail(&standby.log_text(), 30))?;
+        w.create_claim("after", Some(&class), "1Gi", &["ReadWriteOnce"], json!({}))
+            .await?;
+        w.wait_bound("after", T)
+            .await
+            .with_context(|| tail(&standby.log_text(), 30))?;
         assert!(standby.log_text().contains("became the leader"));
         assert_eq!(w.backend_dirs().len(), 6);
         Ok(())

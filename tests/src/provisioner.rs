@@ -71,7 +71,9 @@ pub fn cluster(test: &str) -> Option<Cluster> {
                 "STOWAGE_REQUIRE_KUBE=1 but no cluster is configured: run tests/infra/kube.sh start and source its env file"
             );
         }
-        eprintln!("{test}: NOT RUN: no Kubernetes control plane configured (STOWAGE_KUBE_STATE unset)");
+        eprintln!(
+            "{test}: NOT RUN: no Kubernetes control plane configured (STOWAGE_KUBE_STATE unset)"
+        );
         return None;
     };
     let binder = match get("STOWAGE_KUBE_MODE").as_deref() {
@@ -96,7 +98,8 @@ pub fn serial() -> MutexGuard<'static, ()> {
 }
 
 pub async fn client_for(kubeconfig: &Path) -> Result<Client> {
-    let kc = Kubeconfig::read_from(kubeconfig).with_context(|| format!("reading {}", kubeconfig.display()))?;
+    let kc = Kubeconfig::read_from(kubeconfig)
+        .with_context(|| format!("reading {}", kubeconfig.display()))?;
     let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
     Ok(Client::try_from(cfg)?)
 }
@@ -104,7 +107,8 @@ pub async fn client_for(kubeconfig: &Path) -> Result<Client> {
 impl Cluster {
     /// The cluster described by the env file `kube.sh start` writes.
     pub fn from_env_file(path: &Path) -> Result<Cluster> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let vars: BTreeMap<&str, &str> = text
             .lines()
             .filter_map(|l| l.trim().trim_start_matches("export ").split_once('='))
@@ -174,7 +178,8 @@ impl Cluster {
             .to_owned();
         let ca = std::fs::read(&self.ca)?;
         let ca_b64 = base64_encode(&ca);
-        let dir = std::env::temp_dir().join(format!("stowage-prov-kubeconfig-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("stowage-prov-kubeconfig-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let path = dir.join("kubeconfig");
         std::fs::write(
@@ -192,7 +197,11 @@ fn base64_encode(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..4 {
             if i <= chunk.len() {
@@ -215,9 +224,19 @@ impl Provisioner {
     /// Starts the provisioner against `endpoint` with the ServiceAccount's kubeconfig.
     /// Retries are fast (max 4 s) and Pending claims are re-checked every 2 s, so tests wait
     /// seconds, not minutes; everything else is the default.
-    pub fn start(dir: &Path, name: &str, kubeconfig: &Path, endpoint: &str, binder: Binder, extra: &[&str]) -> Result<Provisioner> {
+    pub fn start(
+        dir: &Path,
+        name: &str,
+        kubeconfig: &Path,
+        endpoint: &str,
+        binder: Binder,
+        extra: &[&str],
+    ) -> Result<Provisioner> {
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         let mut args: Vec<&str> = vec![
             "--csi-endpoint",
             endpoint,
@@ -237,7 +256,10 @@ impl Provisioner {
         let child = Command::new(bin("stowage-provisioner")?)
             .args(&args)
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -311,10 +333,18 @@ impl World {
         let client = cluster.admin().await?;
         let suffix: String = uuid_like();
         let ns = format!("{}-{suffix}", test.replace('_', "-"));
-        let ns = ns.chars().take(50).collect::<String>().trim_end_matches('-').to_owned();
+        let ns = ns
+            .chars()
+            .take(50)
+            .collect::<String>()
+            .trim_end_matches('-')
+            .to_owned();
         let nsapi: Api<Namespace> = Api::all(client.clone());
         nsapi
-            .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": ns}}))?)
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": ns}}))?,
+            )
             .await?;
         let dir = tempfile::tempdir()?;
         let base = dir.path().join("base");
@@ -440,7 +470,11 @@ impl World {
                 return Ok(None);
             };
             let phase = c.status.as_ref().and_then(|s| s.phase.clone());
-            let vn = c.spec.as_ref().and_then(|s| s.volume_name.clone()).unwrap_or_default();
+            let vn = c
+                .spec
+                .as_ref()
+                .and_then(|s| s.volume_name.clone())
+                .unwrap_or_default();
             if phase.as_deref() != Some("Bound") || vn.is_empty() {
                 return Ok(None);
             }
@@ -454,7 +488,12 @@ impl World {
         r.with_context(|| format!("provisioner log:\n{}", tail(&self.prov_log(), 40)))
     }
 
-    pub async fn wait_pv_phase(&self, pv: &str, phase: &str, timeout: Duration) -> Result<PersistentVolume> {
+    pub async fn wait_pv_phase(
+        &self,
+        pv: &str,
+        phase: &str,
+        timeout: Duration,
+    ) -> Result<PersistentVolume> {
         let pvs = self.pvs();
         wait_for(&format!("volume {pv} to be {phase}"), timeout, || async {
             let p = pvs.get_opt(pv).await?;
@@ -484,14 +523,25 @@ impl World {
         Ok(list.items)
     }
 
-    pub async fn wait_event(&self, namespace: &str, kind: &str, name: &str, reason: &str, timeout: Duration) -> Result<Event> {
-        wait_for(&format!("event {reason} on {kind} {name}"), timeout, || async {
-            Ok(self
-                .events(namespace, kind, name)
-                .await?
-                .into_iter()
-                .find(|e| e.reason.as_deref() == Some(reason)))
-        })
+    pub async fn wait_event(
+        &self,
+        namespace: &str,
+        kind: &str,
+        name: &str,
+        reason: &str,
+        timeout: Duration,
+    ) -> Result<Event> {
+        wait_for(
+            &format!("event {reason} on {kind} {name}"),
+            timeout,
+            || async {
+                Ok(self
+                    .events(namespace, kind, name)
+                    .await?
+                    .into_iter()
+                    .find(|e| e.reason.as_deref() == Some(reason)))
+            },
+        )
         .await
         .with_context(|| format!("provisioner log:\n{}", tail(&self.prov_log(), 40)))
     }
@@ -518,7 +568,10 @@ impl World {
             .and_then(|s| s.csi.as_ref())
             .map(|c| c.volume_handle.clone())
             .unwrap_or_default();
-        let rel = handle.split_once('/').map(|(_, r)| r.to_owned()).unwrap_or_default();
+        let rel = handle
+            .split_once('/')
+            .map(|(_, r)| r.to_owned())
+            .unwrap_or_default();
         self.base.join(rel)
     }
 
@@ -532,7 +585,9 @@ impl World {
         if let Ok(list) = pvs.list(&ListParams::default()).await {
             for pv in list.items {
                 let spec = pv.spec.as_ref();
-                let class = spec.and_then(|s| s.storage_class_name.clone()).unwrap_or_default();
+                let class = spec
+                    .and_then(|s| s.storage_class_name.clone())
+                    .unwrap_or_default();
                 let claim_ns = spec
                     .and_then(|s| s.claim_ref.as_ref())
                     .and_then(|r| r.namespace.clone())
@@ -541,7 +596,11 @@ impl World {
                 let name = pv.metadata.name.clone().unwrap_or_default();
                 if mine {
                     let _ = pvs
-                        .patch(&name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}})))
+                        .patch(
+                            &name,
+                            &PatchParams::default(),
+                            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                        )
                         .await;
                     let _ = pvs.delete(&name, &DeleteParams::default()).await;
                 }
@@ -564,9 +623,11 @@ impl World {
     /// Waits for the namespace's default ServiceAccount (pods need it to be admitted).
     pub async fn wait_service_account(&self) -> Result<()> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), &self.ns);
-        wait_for("the default ServiceAccount", Duration::from_secs(30), || async {
-            Ok(api.get_opt("default").await?.map(|_| ()))
-        })
+        wait_for(
+            "the default ServiceAccount",
+            Duration::from_secs(30),
+            || async { Ok(api.get_opt("default").await?.map(|_| ())) },
+        )
         .await
     }
 }
@@ -587,7 +648,9 @@ where
     let r = body(&mut w).await;
     if r.is_err() {
         // Keep every log of the failed test (the temp dir goes away with the world).
-        let keep = std::env::temp_dir().join("stowage-provisioner-failures").join(&w.ns);
+        let keep = std::env::temp_dir()
+            .join("stowage-provisioner-failures")
+            .join(&w.ns);
         let _ = std::fs::create_dir_all(&keep);
         if let Ok(rd) = std::fs::read_dir(w.dir.path()) {
             for e in rd.flatten() {
@@ -596,8 +659,15 @@ where
                 }
             }
         }
-        eprintln!("--- provisioner log ({test}), all logs in {} ---\n{}", keep.display(), tail(&w.prov_log(), 40));
-        eprintln!("--- controller log ({test}) ---\n{}", tail(&w.ctl.log_text(), 20));
+        eprintln!(
+            "--- provisioner log ({test}), all logs in {} ---\n{}",
+            keep.display(),
+            tail(&w.prov_log(), 40)
+        );
+        eprintln!(
+            "--- controller log ({test}) ---\n{}",
+            tail(&w.ctl.log_text(), 20)
+        );
     }
     w.cleanup().await;
     r

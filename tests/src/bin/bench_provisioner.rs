@@ -37,7 +37,9 @@ impl Run {
 }
 
 fn arg(args: &[String], name: &str) -> Option<String> {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1).cloned())
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
 }
 
 async fn run_once(cluster: &Cluster, label: &str, n: usize, extra: &[&str]) -> Result<Run> {
@@ -51,10 +53,20 @@ async fn run_once(cluster: &Cluster, label: &str, n: usize, extra: &[&str]) -> R
     let pvs: Api<PersistentVolume> = w.pvs();
     if let Ok(list) = pvs.list(&ListParams::default()).await {
         for pv in list.items {
-            let ns = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref()).and_then(|r| r.namespace.clone());
+            let ns = pv
+                .spec
+                .as_ref()
+                .and_then(|s| s.claim_ref.as_ref())
+                .and_then(|r| r.namespace.clone());
             if ns.as_deref() == Some(w.ns.as_str()) {
                 let name = pv.metadata.name.unwrap_or_default();
-                let _ = pvs.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"metadata": {"finalizers": null}}))).await;
+                let _ = pvs
+                    .patch(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+                    )
+                    .await;
                 let _ = pvs.delete(&name, &DeleteParams::default()).await;
             }
         }
@@ -64,8 +76,17 @@ async fn run_once(cluster: &Cluster, label: &str, n: usize, extra: &[&str]) -> R
 }
 
 async fn measure(w: &mut World, label: &str, n: usize, extra: &[&str]) -> Result<Run> {
-    let class = w.create_class("bench", json!({"reclaimPolicy": "Delete"})).await?;
-    w.prov = Some(Provisioner::start(w.dir.path(), label, &w.sa_kubeconfig, &w.ctl_endpoint, w.binder(), extra)?);
+    let class = w
+        .create_class("bench", json!({"reclaimPolicy": "Delete"}))
+        .await?;
+    w.prov = Some(Provisioner::start(
+        w.dir.path(),
+        label,
+        &w.sa_kubeconfig,
+        &w.ctl_endpoint,
+        w.binder(),
+        extra,
+    )?);
     // Let it connect and fill its caches before the clock starts.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let pvcs: Api<PersistentVolumeClaim> = w.pvcs();
@@ -101,7 +122,10 @@ async fn measure(w: &mut World, label: &str, n: usize, extra: &[&str]) -> Result
     let deadline = start + Duration::from_secs(3600);
     while seen.len() < n {
         if Instant::now() > deadline {
-            bail!("{label}: only {} of {n} claims bound after an hour", seen.len());
+            bail!(
+                "{label}: only {} of {n} claims bound after an hour",
+                seen.len()
+            );
         }
         if w.prov.as_mut().is_some_and(|p| p.exited()) {
             bail!("{label}: the provisioner exited:\n{}", w.prov_log());
@@ -145,8 +169,14 @@ fn kube_sh() -> PathBuf {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let n: usize = arg(&args, "--claims").map(|s| s.parse()).transpose()?.unwrap_or(1000);
-    let nb: usize = arg(&args, "--baseline-claims").map(|s| s.parse()).transpose()?.unwrap_or(100);
+    let n: usize = arg(&args, "--claims")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(1000);
+    let nb: usize = arg(&args, "--baseline-claims")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(100);
     let want = match arg(&args, "--binder").as_deref() {
         None | Some("kcm") => Binder::Kcm,
         Some("builtin") => Binder::Builtin,
@@ -158,7 +188,8 @@ async fn main() -> Result<()> {
     let cl = match cluster("bench-provisioner") {
         Some(c) => c,
         None => {
-            let state = std::env::temp_dir().join(format!("stowage-bench-kube-{}", std::process::id()));
+            let state =
+                std::env::temp_dir().join(format!("stowage-bench-kube-{}", std::process::id()));
             let mut cmd = Command::new(kube_sh());
             cmd.arg("start").arg("--state").arg(&state);
             if want == Binder::Builtin {
@@ -173,7 +204,10 @@ async fn main() -> Result<()> {
         }
     };
     if cl.binder != want {
-        bail!("the configured cluster's binder is {:?}, --binder asks for {want:?}", cl.binder);
+        bail!(
+            "the configured cluster's binder is {:?}, --binder asks for {want:?}",
+            cl.binder
+        );
     }
 
     let result = async {
@@ -181,7 +215,14 @@ async fn main() -> Result<()> {
             &cl,
             "baseline",
             nb,
-            &["--kube-api-qps", "5", "--kube-api-burst", "10", "--workers", "100"],
+            &[
+                "--kube-api-qps",
+                "5",
+                "--kube-api-burst",
+                "10",
+                "--workers",
+                "100",
+            ],
         )
         .await?;
         let ours = run_once(&cl, "stowage", n, &[]).await?;
@@ -189,13 +230,23 @@ async fn main() -> Result<()> {
     }
     .await;
     if let Some(state) = &own_state {
-        let _ = Command::new(kube_sh()).arg("stop").arg("--state").arg(state).status();
+        let _ = Command::new(kube_sh())
+            .arg("stop")
+            .arg("--state")
+            .arg(state)
+            .status();
         let _ = std::fs::remove_dir_all(state);
     }
     let (base, ours) = result?;
-    println!("bench-provisioner: binder {}, local backend, real kube-apiserver", want.flag());
+    println!(
+        "bench-provisioner: binder {}, local backend, real kube-apiserver",
+        want.flag()
+    );
     for (r, what) in [
-        (&base, "external-provisioner defaults: QPS 5, burst 10, 100 workers"),
+        (
+            &base,
+            "external-provisioner defaults: QPS 5, burst 10, 100 workers",
+        ),
         (&ours, "stowage defaults: QPS 50, burst 100, 32 workers"),
     ] {
         println!(
@@ -210,6 +261,9 @@ async fn main() -> Result<()> {
             r.rss_kib as f64 / 1024.0
         );
     }
-    println!("ratio (claims/s, stowage / baseline): {:.2}x", ours.rate() / base.rate());
+    println!(
+        "ratio (claims/s, stowage / baseline): {:.2}x",
+        ours.rate() / base.rate()
+    );
     Ok(())
 }
