@@ -150,7 +150,9 @@ start_daemon() { # name pidfile command...   (daemons fork once they have their 
     if pid_alive "$pidf"; then return; fi
     for try in 1 2 3; do
         if timeout 60 "$@" 2>>"$LOG/$name.start.err"; then break; fi
-        [ "$try" = 3 ] && { tail -5 "$LOG/$name.start.err" >&2; die "$name did not start (see $LOG)"; }
+        # The daemon's reason is in its own log (stderr is off), e.g. a mon refusing a full disk.
+        [ "$try" = 3 ] && { tail -5 "$LOG/$name.start.err" "$LOG/$name.log" >&2 2>/dev/null
+            df -h "$STATE" >&2; die "$name did not start (see $LOG)"; }
         sleep 1
     done
     wait_for 20 "$name pid file" pid_alive "$pidf"
