@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{
     Node, ObjectReference, PersistentVolume, PersistentVolumeClaim, Secret,
 };
@@ -110,8 +110,28 @@ pub struct Ctx {
     started: Mutex<HashMap<String, Instant>>,
     /// Tells the claim controller that a volume became free (pending claims may bind it).
     volume_freed: tokio::sync::mpsc::Sender<()>,
+    /// True once all three watch caches hold a full list.
+    ready: tokio::sync::watch::Receiver<bool>,
     /// Syncs in progress (shutdown waits for them, bounded).
     running: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Which caches have been filled; all three make the provisioner ready.
+struct Filled {
+    bits: std::sync::atomic::AtomicU8,
+    tx: tokio::sync::watch::Sender<bool>,
+}
+
+impl Filled {
+    fn seen<K>(&self, e: &watcher::Event<K>, bit: u8) {
+        if matches!(e, watcher::Event::InitDone) {
+            let all = self.bits.fetch_or(bit, std::sync::atomic::Ordering::SeqCst) | bit;
+            if all == 7 {
+                tracing::debug!("watch caches filled");
+                let _ = self.tx.send(true);
+            }
+        }
+    }
 }
 
 /// Counts a running sync for as long as it lives.
@@ -139,13 +159,14 @@ impl Ctx {
         }
     }
 
+    /// Waits until every cache is filled: a claim judged against a half-listed set of
+    /// volumes could be provisioned when a volume for it already exists.
     async fn ready(&self) -> Result<(), Error> {
-        let wait = async {
-            self.claims.wait_until_ready().await?;
-            self.volumes.wait_until_ready().await?;
-            self.classes.wait_until_ready().await
-        };
-        wait.await.map_err(|e| Error::Cache(e.to_string()))
+        let mut rx = self.ready.clone();
+        rx.wait_for(|r| *r)
+            .await
+            .map(|_| ())
+            .map_err(|_| Error::Cache("the cache watcher stopped".into()))
     }
 
     fn succeeded(&self, key: &str) {
@@ -230,17 +251,36 @@ fn with_phase(
 struct ClaimRun<'a> {
     ctx: &'a Ctx,
     claim: PersistentVolumeClaim,
-    volumes: HashMap<String, PersistentVolume>,
+    /// The cache's volumes (shared, never copied wholesale: a sync touches one or two).
+    cached: Vec<Arc<PersistentVolume>>,
+    /// Volumes written (or created) during this sync, newer than the cache.
+    written: HashMap<String, PersistentVolume>,
+    /// Set by Provision: the claim's new (or already existing) volume.
+    provisioned: Option<PersistentVolume>,
     pv_api: Api<PersistentVolume>,
     pvc_api: Api<PersistentVolumeClaim>,
 }
 
 impl ClaimRun<'_> {
     fn volume(&self, name: &str) -> Result<PersistentVolume, Error> {
-        self.volumes
-            .get(name)
-            .cloned()
+        if let Some(v) = self.written.get(name) {
+            return Ok(v.clone());
+        }
+        self.cached
+            .iter()
+            .find(|v| o::name(&v.metadata) == name)
+            .map(|v| (**v).clone())
             .ok_or_else(|| Error::Cache(format!("volume {name} vanished from the cache")))
+    }
+
+    /// What the binder sees: the cache, with this sync's writes in place of stale copies.
+    fn volume_refs(&self) -> Vec<&PersistentVolume> {
+        self.cached
+            .iter()
+            .map(|v| v.as_ref())
+            .filter(|v| !self.written.contains_key(o::name(&v.metadata)))
+            .chain(self.written.values())
+            .collect()
     }
 
     async fn apply(&mut self, action: ClaimAction) -> Result<(), Error> {
@@ -254,7 +294,7 @@ impl ClaimRun<'_> {
                         .await
                         .map_err(Error::api(format!("binding volume {volume}")))?;
                     tracing::info!(volume = %volume, "volume bound to claim");
-                    self.volumes.insert(volume, pv);
+                    self.written.insert(volume, pv);
                 }
             }
             ClaimAction::VolumePhase { volume, phase } => {
@@ -264,7 +304,7 @@ impl ClaimRun<'_> {
                     .replace_status(&volume, &PostParams::default(), &pv)
                     .await
                     .map_err(Error::api(format!("setting phase of volume {volume}")))?;
-                self.volumes.insert(volume, pv);
+                self.written.insert(volume, pv);
             }
             ClaimAction::BindClaim { volume } => {
                 let pv = self.volume(&volume)?;
@@ -303,7 +343,8 @@ impl ClaimRun<'_> {
                     .map_err(Error::api("annotating claim"))?;
             }
             ClaimAction::Provision { selected_node } => {
-                provision(self.ctx, &self.claim, selected_node.as_deref()).await?;
+                self.provisioned =
+                    provision(self.ctx, &self.claim, selected_node.as_deref()).await?;
             }
             ClaimAction::Event(note) => {
                 self.ctx.event(&claim_ref_of(&self.claim), &note).await;
@@ -327,8 +368,6 @@ async fn reconcile_claim(
         let class = (!class_name.is_empty())
             .then(|| ctx.classes.get(&ObjectRef::new(class_name)))
             .flatten();
-        let volumes = ctx.volumes.state();
-        let refs: Vec<&PersistentVolume> = volumes.iter().map(|v| v.as_ref()).collect();
         // The node matters only to a claim that is still looking for a volume.
         let node = match o::annotation(&claim.metadata, ANN_SELECTED_NODE) {
             Some(n)
@@ -342,33 +381,45 @@ async fn reconcile_claim(
             }
             _ => None,
         };
-        let actions = binder::sync_claim(
-            ctx.policy(),
-            &ClaimInput {
-                claim: &claim,
-                class: class.as_deref(),
-                volumes: &refs,
-                node: node.as_ref(),
-            },
-        );
-        tracing::debug!(
-            class = class_name,
-            class_known = class.is_some(),
-            ?actions,
-            "claim sync"
-        );
         let mut run = ClaimRun {
             ctx: &ctx,
             claim: (*claim).clone(),
-            volumes: volumes
-                .iter()
-                .map(|v| (o::name(&v.metadata).to_owned(), (**v).clone()))
-                .collect(),
+            cached: ctx.volumes.state(),
+            written: HashMap::new(),
+            provisioned: None,
             pv_api: Api::all(ctx.client.clone()),
             pvc_api: Api::namespaced(ctx.client.clone(), o::namespace(&claim.metadata)),
         };
-        for a in actions {
-            run.apply(a).await?;
+        // A second round binds a volume provisioned in the first one right away, instead of
+        // waiting for the cache to show it.
+        for _round in 0..2 {
+            let actions = {
+                let refs = run.volume_refs();
+                binder::sync_claim(
+                    ctx.policy(),
+                    &ClaimInput {
+                        claim: &run.claim,
+                        class: class.as_deref(),
+                        volumes: &refs,
+                        node: node.as_ref(),
+                    },
+                )
+            };
+            tracing::debug!(
+                class = class_name,
+                class_known = class.is_some(),
+                ?actions,
+                "claim sync"
+            );
+            for a in actions {
+                run.apply(a).await?;
+            }
+            match run.provisioned.take() {
+                Some(pv) if ctx.settings.mode == BinderMode::Builtin => {
+                    run.written.insert(o::name(&pv.metadata).to_owned(), pv);
+                }
+                _ => break,
+            }
         }
         ctx.succeeded(&key);
         let pending = ClaimPhase::of(&run.claim) != Some(ClaimPhase::Bound);
@@ -444,23 +495,20 @@ fn clone_source(ctx: &Ctx, claim: &PersistentVolumeClaim) -> Option<String> {
         .flatten()
 }
 
+/// Provisions the claim's volume and PV; returns the PV (also when it already existed).
 async fn provision(
     ctx: &Ctx,
     claim: &PersistentVolumeClaim,
     selected_node: Option<&str>,
-) -> Result<(), Error> {
+) -> Result<Option<PersistentVolume>, Error> {
     let pv_name = o::pv_name_for(claim);
     tracing::Span::current().record("volume_id", pv_name.as_str());
     let pv_api: Api<PersistentVolume> = Api::all(ctx.client.clone());
-    // The cache can trail our own write by a moment; the API cannot.
-    if ctx.volumes.get(&ObjectRef::new(&pv_name)).is_some()
-        || pv_api
-            .get_opt(&pv_name)
-            .await
-            .map_err(Error::api(format!("looking for volume {pv_name}")))?
-            .is_some()
-    {
-        return Ok(());
+    // The volume cache is filled before any sync sees the event that triggered it, so a
+    // volume we made is found here; after a restart, CreateVolume (idempotent by name) and the
+    // PV's AlreadyExists cover what the cache has not shown yet.
+    if let Some(pv) = ctx.volumes.get(&ObjectRef::new(&pv_name)) {
+        return Ok(Some((*pv).clone()));
     }
     let uid = o::uid(&claim.metadata).to_owned();
     let started = *ctx
@@ -536,12 +584,17 @@ async fn provision(
     };
     tracing::info!(volume_handle = %created.volume_id, "backend volume ready");
     let pv = plan::build_pv(&p, &ctx.driver.name, claim, &class, &created);
-    match pv_api.create(&PostParams::default(), &pv).await {
-        Ok(_) => {}
+    let pv = match pv_api.create(&PostParams::default(), &pv).await {
+        Ok(pv) => pv,
         // Another attempt (or replica, before a lease expired) saved it already.
-        Err(e) if is_already_exists(&e) => {}
+        Err(e) if is_already_exists(&e) => {
+            return pv_api
+                .get_opt(&pv_name)
+                .await
+                .map_err(Error::api(format!("reading volume {pv_name}")));
+        }
         Err(e) => return Err(fail(Error::api(format!("saving volume {pv_name}"))(e)).await),
-    }
+    };
     ctx.started.lock().await.remove(&uid);
     ctx.metrics
         .record("provision", true, Some(started.elapsed()));
@@ -554,7 +607,7 @@ async fn provision(
     )
     .await;
     tracing::info!(volume = %pv_name, "volume provisioned");
-    Ok(())
+    Ok(Some(pv))
 }
 
 /// The claim a volume points to, as the API has it now (not the cache).
@@ -849,22 +902,50 @@ pub async fn run(
     let pvc_all: Api<PersistentVolumeClaim> = Api::all(client.clone());
     let pv_all: Api<PersistentVolume> = Api::all(client.clone());
 
-    let (class_reader, class_writer) = reflector::store::<StorageClass>();
-    let classes = reflector::reflector(
-        class_writer,
-        watcher(Api::<StorageClass>::all(client.clone()), wc.clone()),
-    )
-    .default_backoff()
-    .touched_objects()
-    .for_each(|r| async move {
-        if let Err(e) = r {
-            tracing::warn!(error = %e, "StorageClass watch");
-        }
+    // Our own caches, whose fill we observe in their streams (InitDone): kube-runtime's
+    // Store::wait_until_ready wakes a single waiter, and each controller already waits on its
+    // own store that way.
+    let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
+    let filled = Arc::new(Filled {
+        bits: std::sync::atomic::AtomicU8::new(0),
+        tx: ready_tx,
     });
+    let (claim_reader, claim_writer) = reflector::store::<PersistentVolumeClaim>();
+    let (volume_reader, volume_writer) = reflector::store::<PersistentVolume>();
+    let (class_reader, class_writer) = reflector::store::<StorageClass>();
+    // Each object watch feeds its cache first, then both controllers: the one it drives and
+    // the other one through a mapping. A sync therefore never runs on a cache older than the
+    // event that triggered it (a claim deletion seen by the volume controller is gone from
+    // the claim cache too).
+    let f = filled.clone();
+    let claim_stream = watcher(pvc_all, wc.clone())
+        .default_backoff()
+        .reflect(claim_writer)
+        .inspect_ok(move |e| f.seen(e, 1))
+        .touched_objects();
+    let f = filled.clone();
+    let volume_stream = watcher(pv_all, wc.clone())
+        .default_backoff()
+        .reflect(volume_writer)
+        .inspect_ok(move |e| f.seen(e, 2))
+        .touched_objects();
+    let f = filled.clone();
+    let classes = watcher(Api::<StorageClass>::all(client.clone()), wc)
+        .default_backoff()
+        .reflect(class_writer)
+        .inspect_ok(move |e| f.seen(e, 4))
+        .for_each(|r| async move {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "StorageClass watch");
+            }
+        });
+    let (claim_main, claim_side, claim_feed) = fan_out(claim_stream, "PersistentVolumeClaim");
+    let (volume_main, volume_side, volume_feed) = fan_out(volume_stream, "PersistentVolume");
+    let feeds = [tokio::spawn(claim_feed), tokio::spawn(volume_feed)];
 
-    let claims_ctl = Controller::new(pvc_all.clone(), wc.clone())
+    let claims_ctl = Controller::for_stream(claim_main, claim_reader.clone())
         .with_config(ControllerConfig::default().concurrency(settings.workers))
-        .watches(pv_all.clone(), wc.clone(), |pv| {
+        .watches_stream(volume_side, |pv| {
             pv.spec
                 .as_ref()
                 .and_then(|s| s.claim_ref.as_ref())
@@ -872,9 +953,9 @@ pub async fn run(
                     Some(ObjectRef::new(r.name.as_deref()?).within(r.namespace.as_deref()?))
                 })
         });
-    let volumes_ctl = Controller::new(pv_all, wc.clone())
+    let volumes_ctl = Controller::for_stream(volume_main, volume_reader.clone())
         .with_config(ControllerConfig::default().concurrency(settings.workers))
-        .watches(pvc_all, wc, |pvc| {
+        .watches_stream(claim_side, |pvc| {
             let mut refs = vec![ObjectRef::new(&o::pv_name_for(&pvc))];
             let vn = o::claim_volume_name(&pvc);
             if !vn.is_empty() {
@@ -891,14 +972,15 @@ pub async fn run(
         client,
         driver,
         settings,
-        claims: claims_ctl.store(),
-        volumes: volumes_ctl.store(),
+        claims: claim_reader,
+        volumes: volume_reader,
         classes: class_reader,
         metrics,
         failures: Default::default(),
         started: Default::default(),
         volume_freed: freed_tx,
         running: Default::default(),
+        ready: ready_rx,
     });
     let running = ctx.running.clone();
 
@@ -938,6 +1020,49 @@ pub async fn run(
             }
         } => tracing::info!(still_running = running.load(std::sync::atomic::Ordering::SeqCst), "stopped"),
     }
+    for f in feeds {
+        f.abort();
+    }
+}
+
+type Feed<K> = tokio_stream::wrappers::ReceiverStream<Result<K, watcher::Error>>;
+
+/// Splits one object stream into two trigger streams (same objects, same order) and the task
+/// that feeds them. Watch errors are logged here; the watcher retries with backoff.
+fn fan_out<K, S>(
+    stream: S,
+    kind: &'static str,
+) -> (
+    Feed<K>,
+    Feed<K>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+)
+where
+    K: Clone + Send + Sync + 'static,
+    S: futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+{
+    let (a_tx, a_rx) = tokio::sync::mpsc::channel(1024);
+    let (b_tx, b_rx) = tokio::sync::mpsc::channel(1024);
+    let feed = async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(obj) => {
+                    if a_tx.send(Ok(obj.clone())).await.is_err()
+                        || b_tx.send(Ok(obj)).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, kind, "watch failed; retrying"),
+            }
+        }
+    };
+    (
+        tokio_stream::wrappers::ReceiverStream::new(a_rx),
+        tokio_stream::wrappers::ReceiverStream::new(b_rx),
+        feed,
+    )
 }
 
 /// How long running syncs may take to finish at shutdown.

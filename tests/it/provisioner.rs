@@ -5,7 +5,8 @@
 //! The same tests run in both binder modes: against a cluster whose KCM binds (`kube.sh
 //! start`: the provisioner runs with --binder=kcm) and one whose KCM runs without its PV binder
 //! (`kube.sh start --no-pv-binder`: --binder=builtin). tests/suites/35-provisioner.sh does
-//! both. Needs root only for nothing in particular; runs one test at a time (shared cluster).
+//! both, on the local backend and on NFS (STOWAGE_PROVISIONER_BACKEND=nfs, against nfs-ganesha).
+//! Runs one test at a time (they share the cluster and the driver name).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use stowage_csi::v1;
 use stowage_tests::provisioner::{
-    Binder, DRIVER, Provisioner, World, node_json, proxy::HoldingProxy, serial, tail, wait_for,
+    Backend, Binder, Provisioner, World, node_json, proxy::HoldingProxy, serial, tail, wait_for,
     with_world,
 };
 use stowage_tests::{controller_clients, wire};
@@ -48,7 +49,7 @@ async fn delete_claim(w: &World, name: &str) -> Result<()> {
 
 #[tokio::test]
 async fn dynamic_with_delete() -> Result<()> {
-    let _g = serial();
+    let _g = serial().await;
     with_world("dynamic_delete", true, async |w: &mut World| {
         let class = w
             .create_class(
@@ -69,7 +70,7 @@ async fn dynamic_with_delete() -> Result<()> {
         assert_eq!(
             ann.get("pv.kubernetes.io/provisioned-by")
                 .map(String::as_str),
-            Some(DRIVER)
+            Some(w.driver)
         );
         assert!(has(
             &pv.metadata.finalizers,
@@ -77,7 +78,7 @@ async fn dynamic_with_delete() -> Result<()> {
         ));
         let spec = pv.spec.clone().unwrap();
         let csi = spec.csi.clone().unwrap();
-        assert_eq!(csi.driver, DRIVER);
+        assert_eq!(csi.driver, w.driver);
         assert_eq!(csi.volume_handle, format!("default/{}-data", w.ns));
         assert_eq!(spec.capacity.unwrap()["storage"].0, "2Gi");
         assert_eq!(
@@ -115,7 +116,7 @@ async fn dynamic_with_delete() -> Result<()> {
 
 #[tokio::test]
 async fn dynamic_with_retain() -> Result<()> {
-    let _g = serial();
+    let _g = serial().await;
     with_world("dynamic_retain", true, async |w: &mut World| {
         let class = w
             .create_class("keep", json!({"reclaimPolicy": "Retain"}))
@@ -149,7 +150,7 @@ async fn dynamic_with_retain() -> Result<()> {
 
 #[tokio::test]
 async fn recycle_scrubs_and_reuses() -> Result<()> {
-    let _g = serial();
+    let _g = serial().await;
     with_world("recycle", true, async |w: &mut World| {
         let class = w
             .create_class(
@@ -200,7 +201,7 @@ async fn recycle_scrubs_and_reuses() -> Result<()> {
 /// already marked it Failed ("No recycler plugin found") before the provisioner runs.
 #[tokio::test]
 async fn recycle_set_by_hand_on_a_failed_volume() -> Result<()> {
-    let _g = serial();
+    let _g = serial().await;
     with_world("recycle_by_hand", true, async |w: &mut World| {
         let class = w
             .create_class("manual", json!({"reclaimPolicy": "Retain"}))
@@ -259,7 +260,7 @@ async fn static_volume(
             "accessModes": ["ReadWriteOnce"],
             "persistentVolumeReclaimPolicy": "Retain",
             "storageClassName": class,
-            "csi": {"driver": DRIVER, "volumeHandle": vol.volume_id},
+            "csi": {"driver": w.driver, "volumeHandle": vol.volume_id},
         }
     }))?;
     w.pvs().create(&PostParams::default(), &pv).await?;
@@ -268,7 +269,7 @@ async fn static_volume(
 
 #[tokio::test]
 async fn static_volume_binds_only_a_matching_claim() -> Result<()> {
-    let _g = serial();
+    let _g = serial().await;
     with_world("static_binding", true, async |w: &mut World| {
         // A class name with no StorageClass object: nothing gets provisioned for it.
         let class = w.class_name("static");
@@ -342,7 +343,7 @@ async fn static_volume_binds_only_a_matching_claim() -> Result<()> {
 
 #[tokio::test]
 async fn wait_for_first_consumer() -> Result<()> {
-    let _g = serial();
+    let _g = serial().await;
     with_world("wffc", true, async |w: &mut World| {
         let node_name = format!("{}-node", w.ns);
         let labels = BTreeMap::from([("topology.stowage.io/node".to_string(), node_name.clone())]);
@@ -407,10 +408,11 @@ async fn wait_for_first_consumer() -> Result<()> {
 
 #[tokio::test]
 async fn access_modes_the_driver_cannot_serve_are_refused() -> Result<()> {
-    let _g = serial();
+    let _g = serial().await;
     with_world("access_modes", true, async |w: &mut World| {
         let class = w.create_class("modes", json!({})).await?;
-        // Raw block images live on one node: a multi-node writer cannot be served.
+        // Local raw block volumes are images on one node (no multi-node writer); NFS has no
+        // raw block volumes at all.
         w.create_claim(
             "shared-block",
             Some(&class),
@@ -429,7 +431,11 @@ async fn access_modes_the_driver_cannot_serve_are_refused() -> Result<()> {
             )
             .await?;
         let msg = ev.message.unwrap_or_default();
-        assert!(msg.contains("multi-node"), "the event says why: {msg}");
+        let why = match w.backend {
+            Backend::Local => "multi-node writers are not supported",
+            Backend::Nfs { .. } => "raw block access is not supported",
+        };
+        assert!(msg.contains(why), "the event says why: {msg}");
         assert_eq!(ev.type_.as_deref(), Some("Warning"));
         // ReadWriteOncePod is served.
         w.create_claim(
@@ -458,7 +464,7 @@ async fn access_modes_the_driver_cannot_serve_are_refused() -> Result<()> {
 
 #[tokio::test]
 async fn killed_mid_provisioning_makes_exactly_one_volume() -> Result<()> {
-    let _g = serial();
+    let _g = serial().await;
     with_world("crash", false, async |w: &mut World| {
         // The provisioner talks to the controller through a proxy that holds CreateVolume's
         // answer: the backend volume exists, the provisioner has not heard of it.
@@ -518,7 +524,7 @@ async fn killed_mid_provisioning_makes_exactly_one_volume() -> Result<()> {
 
 #[tokio::test]
 async fn delete_waits_for_the_backend() -> Result<()> {
-    let _g = serial();
+    let _g = serial().await;
     with_world("backend_down", true, async |w: &mut World| {
         let class = w
             .create_class("flaky", json!({"reclaimPolicy": "Delete"}))
@@ -528,8 +534,11 @@ async fn delete_waits_for_the_backend() -> Result<()> {
         let pv = w.wait_bound("data", T).await?;
         let name = pv_name(&pv);
         let dir = w.volume_dir(&pv);
-        // The backend goes away.
-        w.ctl.kill();
+        // The backend goes away: the NFS server, or (local backend) the controller itself.
+        match w.backend {
+            Backend::Nfs { .. } => w.backend.stop_server()?,
+            Backend::Local => w.ctl.kill(),
+        }
         delete_claim(w, "data").await?;
         let ev = w
             .wait_event(
@@ -548,7 +557,10 @@ async fn delete_waits_for_the_backend() -> Result<()> {
         );
         assert!(dir.is_dir(), "nothing deleted while the backend was down");
         // It comes back: the retry succeeds.
-        w.restart_controller().await?;
+        match w.backend {
+            Backend::Nfs { .. } => w.backend.start_server()?,
+            Backend::Local => w.restart_controller().await?,
+        }
         w.wait_pv_gone(&name, T).await?;
         assert!(!dir.exists());
         Ok(())
@@ -558,7 +570,7 @@ async fn delete_waits_for_the_backend() -> Result<()> {
 
 #[tokio::test]
 async fn import_creates_pvs_for_volumes_without_one() -> Result<()> {
-    let _g = serial();
+    let _g = serial().await;
     with_world("import", true, async |w: &mut World| {
         // One dynamically provisioned volume (has a PV), two made on the backend directly.
         let class = w.create_class("dyn", json!({})).await?;
@@ -648,7 +660,7 @@ async fn import_creates_pvs_for_volumes_without_one() -> Result<()> {
 
 #[tokio::test]
 async fn two_replicas_with_leader_election() -> Result<()> {
-    let _g = serial();
+    let _g = serial().await;
     with_world("leader", false, async |w: &mut World| {
         let lease_ns = "stowage-system";
         let args = [

@@ -11,12 +11,12 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::{
-    Event, Namespace, PersistentVolume, PersistentVolumeClaim, ServiceAccount,
+    Event, Namespace, PersistentVolume, PersistentVolumeClaim, Pod, ServiceAccount,
 };
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -91,10 +91,11 @@ pub fn cluster(test: &str) -> Option<Cluster> {
     })
 }
 
-/// Tests share one cluster and one driver name, so they take turns.
-pub fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+/// Tests share one cluster and one driver name, so they take turns (each test has its own
+/// runtime; tokio's mutex works across them).
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 pub async fn client_for(kubeconfig: &Path) -> Result<Client> {
@@ -311,8 +312,119 @@ where
     }
 }
 
+/// The backend under the controller: the local backend (default), or NFS against the
+/// nfs-ganesha of tests/infra/ganesha.sh when STOWAGE_PROVISIONER_BACKEND=nfs (with the
+/// STOWAGE_NFS_* variables of its env file).
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Local,
+    Nfs {
+        server: String,
+        export: String,
+        port: String,
+        mount_port: String,
+        export_dir: PathBuf,
+        /// ganesha.sh state dir, to stop and start the server.
+        state: PathBuf,
+    },
+}
+
+impl Backend {
+    pub fn from_env() -> Backend {
+        if std::env::var("STOWAGE_PROVISIONER_BACKEND").as_deref() != Ok("nfs") {
+            return Backend::Local;
+        }
+        let get = |n: &str| {
+            std::env::var(n)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| {
+                    panic!(
+                        "STOWAGE_PROVISIONER_BACKEND=nfs needs {n} (source the ganesha.sh env file)"
+                    )
+                })
+        };
+        Backend::Nfs {
+            server: get("STOWAGE_NFS_SERVER"),
+            export: get("STOWAGE_NFS_EXPORT"),
+            port: get("STOWAGE_NFS_PORT"),
+            mount_port: get("STOWAGE_NFS_MOUNT_PORT"),
+            export_dir: PathBuf::from(get("STOWAGE_NFS_EXPORT_DIR")),
+            state: PathBuf::from(get("STOWAGE_NFS_STATE")),
+        }
+    }
+
+    pub fn driver(&self) -> &'static str {
+        match self {
+            Backend::Local => "local.stowage.io",
+            Backend::Nfs { .. } => "nfs.stowage.io",
+        }
+    }
+
+    /// Writes the controller's config; returns it and the directory holding the volumes.
+    fn config(&self, dir: &Path, ns: &str) -> Result<(PathBuf, PathBuf)> {
+        match self {
+            Backend::Local => {
+                let base = dir.join("base");
+                Ok((crate::local_config(dir, &base)?, base))
+            }
+            Backend::Nfs {
+                server,
+                export,
+                port,
+                mount_port,
+                export_dir,
+                ..
+            } => {
+                // A base directory per test keeps their volumes apart on the shared export.
+                let base_dir = format!("prov-{ns}");
+                let cfg = dir.join("nfs.yaml");
+                std::fs::write(
+                    &cfg,
+                    format!(
+                        "backend: nfs\ninstances:\n  default:\n    server: {server}\n    export: {export}\n    baseDir: {base_dir}\n    nfsPort: {port}\n    mountPort: {mount_port}\n    timeoutSecs: 5\n"
+                    ),
+                )?;
+                Ok((cfg, export_dir.join(base_dir)))
+            }
+        }
+    }
+
+    /// Takes the storage away (the NFS server, or the controller for the local backend).
+    pub fn stop_server(&self) -> Result<()> {
+        if let Backend::Nfs { state, .. } = self {
+            ganesha(state, "stop")?;
+        }
+        Ok(())
+    }
+
+    pub fn start_server(&self) -> Result<()> {
+        if let Backend::Nfs { state, .. } = self {
+            ganesha(state, "start")?;
+        }
+        Ok(())
+    }
+}
+
+fn ganesha(state: &Path, cmd: &str) -> Result<()> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("infra/ganesha.sh");
+    let out = Command::new(script)
+        .arg(cmd)
+        .arg("--state")
+        .arg(state)
+        .output()
+        .context("running ganesha.sh")?;
+    if !out.status.success() {
+        bail!(
+            "ganesha.sh {cmd} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
 /// One test's world: a namespace, StorageClasses named after it, a controller on a fresh
-/// local base directory, and (usually) a provisioner.
+/// backend directory, and (usually) a provisioner.
 pub struct World {
     pub cluster: Cluster,
     pub client: Client,
@@ -323,9 +435,11 @@ pub struct World {
     pub ctl_endpoint: String,
     pub sa_kubeconfig: PathBuf,
     pub prov: Option<Provisioner>,
+    pub backend: Backend,
+    /// The CSI driver name (and StorageClass provisioner) of the backend.
+    pub driver: &'static str,
+    cfg: PathBuf,
 }
-
-pub const DRIVER: &str = "local.stowage.io";
 
 impl World {
     /// Cluster, namespace and controller; no provisioner yet.
@@ -347,8 +461,8 @@ impl World {
             )
             .await?;
         let dir = tempfile::tempdir()?;
-        let base = dir.path().join("base");
-        let cfg = crate::local_config(dir.path(), &base)?;
+        let backend = Backend::from_env();
+        let (cfg, base) = backend.config(dir.path(), &ns)?;
         let mut ctl = Plugin::controller(dir.path(), &cfg)?;
         ctl.ready().await?;
         let ctl_endpoint = format!("unix://{}", dir.path().join("controller.sock").display());
@@ -363,6 +477,9 @@ impl World {
             ctl_endpoint,
             sa_kubeconfig,
             prov: None,
+            driver: backend.driver(),
+            backend,
+            cfg,
         })
     }
 
@@ -399,8 +516,7 @@ impl World {
 
     /// Restarts the controller on the same socket and base (after `ctl.kill()`).
     pub async fn restart_controller(&mut self) -> Result<()> {
-        let cfg = self.dir.path().join("local.yaml");
-        self.ctl = Plugin::controller(self.dir.path(), &cfg)?;
+        self.ctl = Plugin::controller(self.dir.path(), &self.cfg)?;
         self.ctl.ready().await?;
         Ok(())
     }
@@ -423,7 +539,7 @@ impl World {
             "apiVersion": "storage.k8s.io/v1",
             "kind": "StorageClass",
             "metadata": {"name": name},
-            "provisioner": DRIVER,
+            "provisioner": self.driver,
         });
         merge(&mut v, extra);
         let sc: StorageClass = serde_json::from_value(v)?;
@@ -606,6 +722,18 @@ impl World {
                 }
             }
         }
+        // Pods on fake nodes never get a kubelet to confirm their deletion: force it, else
+        // the namespace (and the claims the pods hold) stay forever.
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.ns);
+        let _ = pods
+            .delete_collection(
+                &DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..Default::default()
+                },
+                &ListParams::default(),
+            )
+            .await;
         let scs: Api<StorageClass> = Api::all(self.client.clone());
         if let Ok(list) = scs.list(&ListParams::default()).await {
             for sc in list.items {
@@ -618,6 +746,9 @@ impl World {
         let _ = Api::<Namespace>::all(self.client.clone())
             .delete(&self.ns, &DeleteParams::default())
             .await;
+        if matches!(self.backend, Backend::Nfs { .. }) {
+            let _ = std::fs::remove_dir_all(&self.base);
+        }
     }
 
     /// Waits for the namespace's default ServiceAccount (pods need it to be admitted).

@@ -4,6 +4,8 @@
 # FUSE mounts healed, bad input), then glusterd outages (a separate test binary, since it stops
 # the machine's one glusterd), then csi-sanity. Prints one line: N passed, N failed.
 set -uo pipefail
+# shellcheck source=tally.bash
+. "$(dirname "$0")/tally.bash"
 root=${STOWAGE_ROOT:?}
 state=$(mktemp -d /tmp/stowage-gluster.XXXXXX)
 # FUSE clients log to /var/log/glusterfs/<mount path>.log: drop those of this run's temp mounts.
@@ -29,11 +31,7 @@ passed=0; failed=0
 out=$(mktemp)
 for t in gluster gluster_outage; do
   cargo test -p stowage-tests --locked --test "$t" 2>&1 | tee "$out"
-  rc=${PIPESTATUS[0]}
-  p=$(grep -E '^test result:' "$out" | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{s+=$1} END {print s+0}')
-  f=$(grep -E '^test result:' "$out" | sed -E 's/.* ([0-9]+) failed.*/\1/' | awk '{s+=$1} END {print s+0}')
-  [ "$rc" != 0 ] && [ "$f" = 0 ] && f=1
-  passed=$((passed + p)); failed=$((failed + f))
+  tally_cargo "$out" "${PIPESTATUS[0]}"
 done
 bash "$root/tests/sanity/run-gluster.sh" 2>&1 | tee "$out"
 rc=${PIPESTATUS[0]}

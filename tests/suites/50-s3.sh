@@ -6,6 +6,8 @@
 # bad input), then a real radosgw kill and restart (separate binary: it takes the gateway away),
 # then csi-sanity. Prints one line: N passed, N failed.
 set -uo pipefail
+# shellcheck source=tally.bash
+. "$(dirname "$0")/tally.bash"
 root=${STOWAGE_ROOT:?}
 state=$(mktemp -d /tmp/stowage-s3-ceph.XXXXXX)
 trap '"$root/tests/infra/ceph.sh" stop --state "$state" --purge >/dev/null 2>&1; rm -rf "$state"' EXIT
@@ -24,11 +26,7 @@ passed=0; failed=0
 out=$(mktemp)
 for t in s3_e2e s3_faults s3_outage; do
   cargo test -p stowage-tests --locked --test "$t" 2>&1 | tee "$out"
-  rc=${PIPESTATUS[0]}
-  p=$(grep -E '^test result:' "$out" | sed -E 's/.* ([0-9]+) passed.*/\1/' | awk '{s+=$1} END {print s+0}')
-  f=$(grep -E '^test result:' "$out" | sed -E 's/.* ([0-9]+) failed.*/\1/' | awk '{s+=$1} END {print s+0}')
-  [ "$rc" != 0 ] && [ "$f" = 0 ] && f=1
-  passed=$((passed + p)); failed=$((failed + f))
+  tally_cargo "$out" "${PIPESTATUS[0]}"
 done
 bash "$root/tests/sanity/run-s3.sh" 2>&1 | tee "$out"
 rc=${PIPESTATUS[0]}

@@ -195,7 +195,11 @@ async fn main() -> Result<()> {
             if want == Binder::Builtin {
                 cmd.arg("--no-pv-binder");
             }
-            let st = cmd.status().context("running tests/infra/kube.sh start")?;
+            // kube.sh prints the state dir on stdout; our stdout is the report.
+            let st = cmd
+                .stdout(std::process::Stdio::null())
+                .status()
+                .context("running tests/infra/kube.sh start")?;
             if !st.success() {
                 bail!("kube.sh start failed");
             }
