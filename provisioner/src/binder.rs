@@ -18,9 +18,10 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::api::storage::v1::StorageClass;
 
 use crate::objects::{
-    self as o, ANN_BETA_STORAGE_PROVISIONER, ANN_BIND_COMPLETED, ANN_BOUND_BY_CONTROLLER,
-    ANN_PROVISIONED_BY, ANN_SELECTED_NODE, ANN_STORAGE_PROVISIONER, ClaimPhase, FINALIZER,
-    RECLAIM_DELETE, RECLAIM_RECYCLE, RECLAIM_RETAIN, VolumePhase,
+    self as o, ANN_BETA_DEFAULT_CLASS, ANN_BETA_STORAGE_PROVISIONER, ANN_BIND_COMPLETED,
+    ANN_BOUND_BY_CONTROLLER, ANN_DEFAULT_CLASS, ANN_PROVISIONED_BY, ANN_SELECTED_NODE,
+    ANN_STORAGE_PROVISIONER, ClaimPhase, FINALIZER, RECLAIM_DELETE, RECLAIM_RECYCLE,
+    RECLAIM_RETAIN, VolumePhase,
 };
 
 /// Who binds claims to volumes and keeps phases.
@@ -84,6 +85,11 @@ pub enum ClaimAction {
     ClaimPhase {
         phase: ClaimPhase,
         volume: Option<String>,
+    },
+    /// Give a claim that names no class the cluster's default one (KCM's retroactive
+    /// default StorageClass assignment).
+    AssignClass {
+        class: String,
     },
     /// Mark the claim for an external provisioner, as KCM does.
     AnnotateProvisioner {
@@ -317,6 +323,28 @@ pub struct ClaimInput<'a> {
     pub volumes: &'a [&'a PersistentVolume],
     /// The node named by the claim's selected-node annotation, when known.
     pub node: Option<&'a Node>,
+    /// The cluster's default StorageClass ([`default_class`]), for claims that name none.
+    pub default_class: Option<&'a StorageClass>,
+}
+
+/// The default StorageClass as KCM picks it: among the classes annotated as default, the
+/// newest, then the first by name (the admission plugin and KCM agree on this order).
+pub fn default_class<'a>(
+    classes: impl IntoIterator<Item = &'a StorageClass>,
+) -> Option<&'a StorageClass> {
+    let is_default = |c: &StorageClass| {
+        o::annotation(&c.metadata, ANN_DEFAULT_CLASS) == Some("true")
+            || o::annotation(&c.metadata, ANN_BETA_DEFAULT_CLASS) == Some("true")
+    };
+    classes
+        .into_iter()
+        .filter(|c| is_default(c))
+        .min_by(|a, b| {
+            let created = |c: &StorageClass| c.metadata.creation_timestamp.as_ref().map(|t| t.0);
+            created(b)
+                .cmp(&created(a))
+                .then_with(|| o::name(&a.metadata).cmp(o::name(&b.metadata)))
+        })
 }
 
 pub fn sync_claim(p: Policy<'_>, input: &ClaimInput<'_>) -> Vec<ClaimAction> {
@@ -414,6 +442,15 @@ fn unbound_claim(p: Policy<'_>, input: &ClaimInput<'_>) -> Vec<ClaimAction> {
         };
         if let Some(pv) = found {
             return bind(claim, pv);
+        }
+        // KCM assigns the default class only once no volume matched the class-less claim,
+        // then starts over with the updated claim.
+        if !o::claim_has_class(claim)
+            && let Some(default) = input.default_class
+        {
+            return vec![ClaimAction::AssignClass {
+                class: o::name(&default.metadata).to_owned(),
+            }];
         }
         let class_name = o::claim_class(claim);
         let mut out = Vec::new();

@@ -332,6 +332,18 @@ impl ClaimRun<'_> {
                         phase.as_str()
                     )))?;
             }
+            ClaimAction::AssignClass { class } => {
+                let mut c = self.claim.clone();
+                c.spec
+                    .get_or_insert_with(Default::default)
+                    .storage_class_name = Some(class.clone());
+                self.claim = self
+                    .pvc_api
+                    .replace(o::name(&c.metadata), &PostParams::default(), &c)
+                    .await
+                    .map_err(Error::api("assigning the default StorageClass"))?;
+                tracing::info!(class = %class, "default StorageClass assigned to the claim");
+            }
             ClaimAction::AnnotateProvisioner { provisioner } => {
                 let mut c = self.claim.clone();
                 o::set_annotation(&mut c.metadata, ANN_STORAGE_PROVISIONER, &provisioner);
@@ -368,6 +380,8 @@ async fn reconcile_claim(
         let class = (!class_name.is_empty())
             .then(|| ctx.classes.get(&ObjectRef::new(class_name)))
             .flatten();
+        let classes = ctx.classes.state();
+        let default_class = binder::default_class(classes.iter().map(|c| c.as_ref()));
         // The node matters only to a claim that is still looking for a volume.
         let node = match o::annotation(&claim.metadata, ANN_SELECTED_NODE) {
             Some(n)
@@ -402,6 +416,7 @@ async fn reconcile_claim(
                         class: class.as_deref(),
                         volumes: &refs,
                         node: node.as_ref(),
+                        default_class,
                     },
                 )
             };

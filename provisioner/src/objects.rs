@@ -18,6 +18,8 @@ pub const ANN_STORAGE_PROVISIONER: &str = "volume.kubernetes.io/storage-provisio
 pub const ANN_BETA_STORAGE_PROVISIONER: &str = "volume.beta.kubernetes.io/storage-provisioner";
 pub const ANN_SELECTED_NODE: &str = "volume.kubernetes.io/selected-node";
 pub const ANN_BETA_STORAGE_CLASS: &str = "volume.beta.kubernetes.io/storage-class";
+pub const ANN_DEFAULT_CLASS: &str = "storageclass.kubernetes.io/is-default-class";
+pub const ANN_BETA_DEFAULT_CLASS: &str = "storageclass.beta.kubernetes.io/is-default-class";
 /// Where the provisioner secret of a volume is recorded, so DeleteVolume gets the same secret
 /// even after the StorageClass changed or went away (external-provisioner's names).
 pub const ANN_DELETION_SECRET_NAME: &str = "volume.kubernetes.io/provisioner-deletion-secret-name";
@@ -154,6 +156,16 @@ pub fn claim_class(pvc: &PersistentVolumeClaim) -> &str {
         .as_ref()
         .and_then(|s| s.storage_class_name.as_deref())
         .unwrap_or("")
+}
+
+/// Did the claim ask for a class at all? `storageClassName: ""` is an answer ("none"); a
+/// missing field is not, and may later be filled with the default class.
+pub fn claim_has_class(pvc: &PersistentVolumeClaim) -> bool {
+    annotation(&pvc.metadata, ANN_BETA_STORAGE_CLASS).is_some()
+        || pvc
+            .spec
+            .as_ref()
+            .is_some_and(|s| s.storage_class_name.is_some())
 }
 
 pub fn volume_class(pv: &PersistentVolume) -> &str {

@@ -341,6 +341,49 @@ async fn static_volume_binds_only_a_matching_claim() -> Result<()> {
     .await
 }
 
+/// A claim made while the cluster had no default StorageClass gets one once an admin marks a
+/// class default (KCM's retroactive assignment; Stowage does it with --binder builtin), and is
+/// then provisioned with it.
+#[tokio::test]
+async fn a_claim_without_class_gets_the_later_default() -> Result<()> {
+    let _g = serial().await;
+    with_world("default_class", true, async |w: &mut World| {
+        w.create_claim("late", None, "1Gi", &["ReadWriteOnce"], json!({}))
+            .await?;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let c = w.claim("late").await?.context("claim gone")?;
+        assert_eq!(
+            c.spec.as_ref().and_then(|s| s.storage_class_name.clone()),
+            None,
+            "no default existed when the claim was made"
+        );
+        assert!(w.backend_dirs().is_empty(), "nothing to provision with yet");
+
+        let class = w
+            .create_class(
+                "default",
+                json!({"metadata": {"annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+                       "reclaimPolicy": "Delete"}),
+            )
+            .await?;
+        let pv = w.wait_bound("late", T).await?;
+        let c = w.claim("late").await?.context("claim gone")?;
+        assert_eq!(
+            c.spec.as_ref().and_then(|s| s.storage_class_name.as_deref()),
+            Some(class.as_str())
+        );
+        assert_eq!(
+            pv.spec.as_ref().and_then(|s| s.storage_class_name.as_deref()),
+            Some(class.as_str())
+        );
+        assert!(w.volume_dir(&pv).is_dir(), "the backend volume exists");
+        delete_claim(w, "late").await?;
+        w.wait_pv_gone(&pv_name(&pv), T).await?;
+        Ok(())
+    })
+    .await
+}
+
 #[tokio::test]
 async fn wait_for_first_consumer() -> Result<()> {
     let _g = serial().await;

@@ -147,6 +147,16 @@ fn claim_sync(
     sc: Option<&StorageClass>,
     vols: &[PersistentVolume],
 ) -> Vec<ClaimAction> {
+    claim_sync_with(p, c, sc, vols, None)
+}
+
+fn claim_sync_with(
+    p: Policy<'_>,
+    c: &PersistentVolumeClaim,
+    sc: Option<&StorageClass>,
+    vols: &[PersistentVolume],
+    default_class: Option<&StorageClass>,
+) -> Vec<ClaimAction> {
     let refs: Vec<&PersistentVolume> = vols.iter().collect();
     sync_claim(
         p,
@@ -155,6 +165,7 @@ fn claim_sync(
             class: sc,
             volumes: &refs,
             node: None,
+            default_class,
         },
     )
 }
@@ -428,6 +439,7 @@ fn node_affinity_filters_when_the_node_is_known() {
                 class: None,
                 volumes: &refs,
                 node: Some(&nd),
+                default_class: None,
             },
         );
         assert_eq!(
@@ -947,6 +959,95 @@ fn finalizer_upkeep_and_object_deletion() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Retroactive default StorageClass (builtin)
+// ---------------------------------------------------------------------------------------------
+
+fn default_marked(mut sc: StorageClass, ann: &str, created_s: i64) -> StorageClass {
+    o::set_annotation(&mut sc.metadata, ann, "true");
+    sc.metadata.creation_timestamp = Some(Time(
+        k8s_openapi::jiff::Timestamp::from_second(created_s).unwrap(),
+    ));
+    sc
+}
+
+#[test]
+fn default_class_is_the_newest_marked_one_then_by_name() {
+    let plain = class("plain", DRIVER, false);
+    let old = default_marked(class("old", DRIVER, false), o::ANN_DEFAULT_CLASS, 100);
+    let beta = default_marked(class("beta", DRIVER, false), o::ANN_BETA_DEFAULT_CLASS, 200);
+    let twin_b = default_marked(class("b", DRIVER, false), o::ANN_DEFAULT_CLASS, 300);
+    let twin_a = default_marked(class("a", DRIVER, false), o::ANN_DEFAULT_CLASS, 300);
+    let mut not_true = class("nottrue", DRIVER, false);
+    o::set_annotation(&mut not_true.metadata, o::ANN_DEFAULT_CLASS, "false");
+    let name = |c: Option<&StorageClass>| c.map(|c| o::name(&c.metadata).to_owned());
+
+    assert_eq!(name(default_class([&plain, &not_true])), None);
+    assert_eq!(name(default_class([&plain, &old])), Some("old".into()));
+    assert_eq!(name(default_class([&old, &beta])), Some("beta".into()));
+    assert_eq!(
+        name(default_class([&old, &twin_b, &beta, &twin_a])),
+        Some("a".into())
+    );
+}
+
+fn claim_sync_with_default(
+    p: Policy<'_>,
+    c: &PersistentVolumeClaim,
+    default: &StorageClass,
+    vols: &[PersistentVolume],
+) -> Vec<ClaimAction> {
+    claim_sync_with(p, c, None, vols, Some(default))
+}
+
+#[test]
+fn a_claim_without_class_gets_the_default_once_nothing_matches() {
+    let fast = default_marked(class("fast", DRIVER, false), o::ANN_DEFAULT_CLASS, 1);
+    let c = claim("c", 1, &["ReadWriteOnce"], None);
+    // No volume at all: the class is assigned and nothing else happens in this pass.
+    assert_eq!(
+        claim_sync_with_default(BUILTIN, &c, &fast, &[]),
+        vec![ClaimAction::AssignClass {
+            class: "fast".into()
+        }]
+    );
+    // A class-less volume that fits binds first, as in KCM.
+    let v = volume("v", 1, &["ReadWriteOnce"], "");
+    let got = non_events(claim_sync_with_default(BUILTIN, &c, &fast, &[v]));
+    assert!(
+        got.contains(&ClaimAction::BindClaim { volume: "v".into() }),
+        "{got:?}"
+    );
+    assert!(
+        !got.iter()
+            .any(|a| matches!(a, ClaimAction::AssignClass { .. }))
+    );
+}
+
+#[test]
+fn a_claim_that_chose_no_class_or_a_class_keeps_its_choice() {
+    let fast = default_marked(class("fast", DRIVER, false), o::ANN_DEFAULT_CLASS, 1);
+    let empty = claim("empty", 1, &["ReadWriteOnce"], Some(""));
+    let named = claim("named", 1, &["ReadWriteOnce"], Some("slow"));
+    let beta = annotate(
+        claim("beta", 1, &["ReadWriteOnce"], None),
+        o::ANN_BETA_STORAGE_CLASS,
+        "slow",
+    );
+    for c in [&empty, &named, &beta] {
+        let got = claim_sync_with_default(BUILTIN, c, &fast, &[]);
+        assert!(
+            !got.iter()
+                .any(|a| matches!(a, ClaimAction::AssignClass { .. })),
+            "{}: {got:?}",
+            o::name(&c.metadata)
+        );
+    }
+    // With KCM binding, KCM assigns it.
+    let none = claim("none", 1, &["ReadWriteOnce"], None);
+    assert_eq!(claim_sync_with_default(KCM, &none, &fast, &[]), vec![]);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Worlds run to convergence
 // ---------------------------------------------------------------------------------------------
 
@@ -1014,6 +1115,7 @@ impl World {
                     class: cls.as_ref(),
                     volumes: &refs,
                     node: None,
+                    default_class: None,
                 },
             );
             for a in actions {
@@ -1037,6 +1139,12 @@ impl World {
                         let pv = volume.map(|v| self.pv_mut(&v).clone());
                         let st = claim_status(&self.claims[i], phase, pv.as_ref());
                         self.claims[i].status = Some(st);
+                    }
+                    ClaimAction::AssignClass { class } => {
+                        self.claims[i]
+                            .spec
+                            .get_or_insert_with(Default::default)
+                            .storage_class_name = Some(class);
                     }
                     ClaimAction::AnnotateProvisioner { provisioner } => {
                         o::set_annotation(
@@ -1368,7 +1476,7 @@ proptest! {
         let refs: Vec<&PersistentVolume> = w.volumes.iter().collect();
         for c in &w.claims {
             let cls = w.class(o::claim_class(c));
-            for a in sync_claim(KCM, &ClaimInput { claim: c, class: cls, volumes: &refs, node: None }) {
+            for a in sync_claim(KCM, &ClaimInput { claim: c, class: cls, volumes: &refs, node: None, default_class: None }) {
                 prop_assert!(matches!(a, ClaimAction::Provision { .. }), "{:?}", a);
             }
         }
