@@ -53,7 +53,11 @@ async fn quota_is_enforced_and_expands_online() {
     let vol = create(&mut e, "pvc-life", 8 * MIB, &[]).await;
     let dir = dir_of(&vol);
     let gpath = format!("/{}/{dir}", e.base);
-    assert_eq!(g.quota_limit(&gpath), Some(8 << 20), "limit on {gpath}");
+    assert_eq!(
+        g.quota_settled(&gpath, Some(8 << 20)),
+        Some(8 << 20),
+        "limit on {gpath}"
+    );
     assert_eq!(vol.volume_context["server"], g.host);
     assert_eq!(vol.volume_context["path"], gpath);
 
@@ -100,7 +104,7 @@ async fn quota_is_enforced_and_expands_online() {
             .into_inner();
     assert_eq!(r.capacity_bytes, 32 * MIB);
     assert!(!r.node_expansion_required);
-    assert_eq!(g.quota_limit(&gpath), Some(32 << 20));
+    assert_eq!(g.quota_settled(&gpath, Some(32 << 20)), Some(32 << 20));
     write_zeros(&target.join("big"), 16 << 20).unwrap();
     assert_eq!(
         std::fs::metadata(g.on_brick(&e.base, &dir).join("big"))
@@ -155,7 +159,7 @@ async fn quota_is_enforced_and_expands_online() {
             .unwrap();
     }
     assert!(!g.on_brick(&e.base, &dir).exists());
-    assert_eq!(g.quota_limit(&gpath), None);
+    assert_eq!(g.quota_settled(&gpath, None), None);
 }
 
 #[tokio::test]
@@ -193,7 +197,7 @@ async fn concurrent_creates_on_one_volume() {
     for v in &vols {
         let path = format!("/{}/{}", e.base, dir_of(v));
         assert_eq!(
-            g.quota_limit(&path),
+            g.quota_settled(&path, Some(v.capacity_bytes as u64)),
             Some(v.capacity_bytes as u64),
             "{path}"
         );
@@ -219,7 +223,7 @@ async fn concurrent_creates_on_one_volume() {
             !g.on_brick(&e.base, dir).exists(),
             "{dir} left on the brick"
         );
-        assert_eq!(g.quota_limit(&format!("/{}/{dir}", e.base)), None);
+        assert_eq!(g.quota_settled(&format!("/{}/{dir}", e.base), None), None);
     }
 }
 
@@ -255,7 +259,11 @@ async fn dead_fuse_mounts_are_healed_and_survive_plugin_restarts() {
     let err = std::fs::metadata(target.join("data")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
     let s = stats(&mut e, &vol, &target).await;
-    assert!(!s.volume_condition.unwrap().abnormal);
+    assert!(
+        !s.volume_condition.unwrap().abnormal,
+        "not healed; node log:\n{}",
+        e.node.log_text()
+    );
     assert_eq!(s.usage[0].total, 16 * MIB);
     assert_eq!(std::fs::read(target.join("data")).unwrap(), b"before");
     assert_eq!(std::fs::read(ro_target.join("data")).unwrap(), b"before");
@@ -355,7 +363,10 @@ async fn snapshots_clones_recycle_and_delete_policies() {
         b"snapshot me"
     );
     assert_eq!(
-        g.quota_limit(&format!("/{}/{}", e.base, dir_of(&restored))),
+        g.quota_settled(
+            &format!("/{}/{}", e.base, dir_of(&restored)),
+            Some(16 << 20)
+        ),
         Some(16 << 20)
     );
 
@@ -395,7 +406,7 @@ async fn snapshots_clones_recycle_and_delete_policies() {
         0
     );
     assert_eq!(
-        g.quota_limit(&format!("/{}/{}", e.base, dir_of(&clone))),
+        g.quota_settled(&format!("/{}/{}", e.base, dir_of(&clone)), Some(8 << 20)),
         Some(8 << 20)
     );
 
@@ -764,7 +775,7 @@ async fn controller_drives_glusterd_over_ssh() {
         .volume
         .unwrap();
     let gpath = format!("/{base}/{}", dir_of(&vol));
-    assert_eq!(g.quota_limit(&gpath), Some(4 << 20));
+    assert_eq!(g.quota_settled(&gpath, Some(4 << 20)), Some(4 << 20));
     c.controller_expand_volume(v1::ControllerExpandVolumeRequest {
         volume_id: vol.volume_id.clone(),
         capacity_range: Some(v1::CapacityRange {
@@ -775,14 +786,14 @@ async fn controller_drives_glusterd_over_ssh() {
     })
     .await
     .unwrap();
-    assert_eq!(g.quota_limit(&gpath), Some(8 << 20));
+    assert_eq!(g.quota_settled(&gpath, Some(8 << 20)), Some(8 << 20));
     c.delete_volume(v1::DeleteVolumeRequest {
         volume_id: vol.volume_id.clone(),
         ..Default::default()
     })
     .await
     .unwrap();
-    assert_eq!(g.quota_limit(&gpath), None);
+    assert_eq!(g.quota_settled(&gpath, None), None);
     assert!(!g.on_brick(&base, &dir_of(&vol)).exists());
     drop(ctl);
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();

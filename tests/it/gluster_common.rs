@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use stowage_backends::glusterfs::cli::parse_reply;
+use stowage_backends::glusterfs::cli::{is_busy, parse_reply};
 use stowage_csi::v1;
 use stowage_tests::{Clients, Plugin, controller_clients, node_client};
 use tonic::transport::Channel;
@@ -89,15 +89,27 @@ impl Gluster {
 
     /// `gluster volume quota VOL list PATH --xml`: the hard limit, or None when no limit.
     pub fn quota_limit(&self, path: &str) -> Option<u64> {
-        let out = std::process::Command::new("timeout")
-            .args(["60", "gluster", "--mode=script"])
-            .arg(format!("--glusterd-sock={}", self.sock.display()))
-            .args(["volume", "quota", &self.volume, "list", path, "--xml"])
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        let r = parse_reply(&text).unwrap_or_else(|e| panic!("quota list {path}: {e}: {text}"));
+        // Tests run in parallel against one gluster volume, and glusterd refuses a quota
+        // command while another one holds the volume's lock: ask again, as the controller does.
+        let mut attempts = 0;
+        let r = loop {
+            let out = std::process::Command::new("timeout")
+                .args(["60", "gluster", "--mode=script"])
+                .arg(format!("--glusterd-sock={}", self.sock.display()))
+                .args(["volume", "quota", &self.volume, "list", path, "--xml"])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            let r = parse_reply(&text).unwrap_or_else(|e| panic!("quota list {path}: {e}: {text}"));
+            attempts += 1;
+            if r.op_ret != 0 && is_busy(&r.op_errstr) && attempts < 60 {
+                std::thread::sleep(Duration::from_millis(250));
+                continue;
+            }
+            break r;
+        };
         if r.op_ret != 0 {
+            eprintln!("quota list {path}: {} ({})", r.op_errstr, r.op_ret);
             return None;
         }
         let mut limits = Vec::new();
@@ -107,6 +119,23 @@ impl Gluster {
             .find(|l| l.text_at("path") == Some(path))
             .and_then(|l| l.text_at("hard_limit"))
             .and_then(|s| s.parse().ok())
+    }
+
+    /// The limit on `path` once it reads `want`, or what it reads after 10 s. `quota list`
+    /// reads the limit through glusterd's auxiliary FUSE mount of the volume, which can lag
+    /// the command that set it; a lag is printed, so a slow read is visible in the log.
+    pub fn quota_settled(&self, path: &str, want: Option<u64>) -> Option<u64> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let first = self.quota_limit(path);
+        let mut got = first;
+        while got != want && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            got = self.quota_limit(path);
+        }
+        if got != first {
+            eprintln!("quota on {path}: first read {first:?}, later {got:?}");
+        }
+        got
     }
 
     pub fn infra(&self, cmd: &str) -> std::process::Output {

@@ -173,7 +173,7 @@ async fn glusterd_down_gives_clear_errors_and_no_half_volumes() {
             .len(),
         1
     );
-    assert_eq!(g.quota_limit(&bpath), Some(4 << 20));
+    assert_eq!(g.quota_settled(&bpath, Some(4 << 20)), Some(4 << 20));
     let during =
         e.c.controller
             .create_volume(wire::create("pvc-during", 4 * MIB))
@@ -183,7 +183,7 @@ async fn glusterd_down_gives_clear_errors_and_no_half_volumes() {
             .volume
             .unwrap();
     assert_eq!(
-        g.quota_limit(&format!("/{}/{}", e.base, dir_of(&during))),
+        g.quota_settled(&format!("/{}/{}", e.base, dir_of(&during)), Some(4 << 20)),
         Some(4 << 20)
     );
     e.c.controller
@@ -197,7 +197,7 @@ async fn glusterd_down_gives_clear_errors_and_no_half_volumes() {
         })
         .await
         .unwrap();
-    assert_eq!(g.quota_limit(&bpath), Some(8 << 20));
+    assert_eq!(g.quota_settled(&bpath, Some(8 << 20)), Some(8 << 20));
     for v in [&before, &during] {
         e.c.controller
             .delete_volume(v1::DeleteVolumeRequest {
@@ -208,7 +208,7 @@ async fn glusterd_down_gives_clear_errors_and_no_half_volumes() {
             .unwrap();
         assert!(!g.on_brick(&e.base, &dir_of(v)).exists());
     }
-    assert_eq!(g.quota_limit(&bpath), None);
+    assert_eq!(g.quota_settled(&bpath, None), None);
 }
 
 #[tokio::test]
@@ -285,7 +285,7 @@ async fn volume_per_pv_mode_creates_enforces_expands_and_removes_bricks() {
         brick: bricks.join(&gvol),
         state: g.state.clone(),
     };
-    assert_eq!(other.quota_limit("/"), Some(8 << 20));
+    assert_eq!(other.quota_settled("/", Some(8 << 20)), Some(8 << 20));
     let listed = c
         .controller
         .list_volumes(v1::ListVolumesRequest::default())
@@ -319,7 +319,7 @@ async fn volume_per_pv_mode_creates_enforces_expands_and_removes_bricks() {
         })
         .await
         .unwrap();
-    assert_eq!(other.quota_limit("/"), Some(32 << 20));
+    assert_eq!(other.quota_settled("/", Some(32 << 20)), Some(32 << 20));
     write_zeros(&target.join("big"), 16 << 20).unwrap();
 
     n.node_unpublish_volume(v1::NodeUnpublishVolumeRequest {

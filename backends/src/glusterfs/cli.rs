@@ -193,7 +193,7 @@ pub fn shell_quote(s: &str) -> String {
 }
 
 /// glusterd is busy with another transaction on the volume (or cluster-wide lock): retry.
-fn is_busy(errstr: &str) -> bool {
+pub fn is_busy(errstr: &str) -> bool {
     let e = errstr.to_ascii_lowercase();
     e.contains("another transaction is in progress")
         || e.contains("locking failed")

@@ -260,7 +260,13 @@ impl GlusterNode {
             )));
         };
         let _g = self.locks.lock(volume_id).await;
-        self.heal_staging(&rec).await?;
+        if let Err(e) = self.heal_staging(&rec).await {
+            // A client killed a moment ago can still be tearing down, and glusterd can be
+            // slow to hand out the volfile under load: one more try before giving up.
+            tracing::warn!(volume = volume_id, error = %e, "remount failed; trying once more");
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            self.heal_staging(&rec).await?;
+        }
         if path != rec.staging_path
             && let Probe::Dead(_) = mount::probe(path).await
         {
