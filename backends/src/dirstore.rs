@@ -42,7 +42,7 @@ pub const DEFAULT_CAPACITY: u64 = 1 << 30;
 const META_DIR: &str = ".stowage";
 
 /// Per-instance settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct DirOptions {
     /// Mode, owner and group of new volume directories.
     pub attrs: DirAttrs,
@@ -50,16 +50,6 @@ pub struct DirOptions {
     pub block: bool,
     /// Largest volume this instance hands out (0 = no limit).
     pub max_volume_bytes: u64,
-}
-
-impl Default for DirOptions {
-    fn default() -> Self {
-        DirOptions {
-            attrs: DirAttrs::default(),
-            block: false,
-            max_volume_bytes: 0,
-        }
-    }
 }
 
 /// Builds the volume context (volumeAttributes) a node needs to reach a volume's directory.
@@ -780,10 +770,10 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
             .map(|p| p.on_delete)
             .unwrap_or_default();
         if fs.stat(&id.path).await?.is_some() {
-            if on_delete != OnDelete::Retain {
-                if let Some(h) = self.hooks.get(&inst.name) {
-                    h.release(&id.path).await?;
-                }
+            if on_delete != OnDelete::Retain
+                && let Some(h) = self.hooks.get(&inst.name)
+            {
+                h.release(&id.path).await?;
             }
             match on_delete {
                 OnDelete::Retain => {}
@@ -1016,12 +1006,10 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
             )));
         }
         let single_node = !capability.access_mode.is_multi_node();
-        if single_node {
-            if let Some(other) = meta.published.keys().next() {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {volume_id} is single-node and already published to node {other}"
-                )));
-            }
+        if single_node && let Some(other) = meta.published.keys().next() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} is single-node and already published to node {other}"
+            )));
         }
         if node.max_volumes > 0
             && Self::published_count(inst, node_id).await? >= node.max_volumes as usize

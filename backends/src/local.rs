@@ -85,10 +85,10 @@ async fn loop_device_for(file: &Path) -> Result<Option<PathBuf>> {
         if !name.starts_with("loop") {
             continue;
         }
-        if let Ok(backing) = tokio::fs::read_to_string(e.path().join("loop/backing_file")).await {
-            if Path::new(backing.trim_end()) == want {
-                return Ok(Some(PathBuf::from(format!("/dev/{name}"))));
-            }
+        if let Ok(backing) = tokio::fs::read_to_string(e.path().join("loop/backing_file")).await
+            && Path::new(backing.trim_end()) == want
+        {
+            return Ok(Some(PathBuf::from(format!("/dev/{name}"))));
         }
     }
     Ok(None)
@@ -168,10 +168,10 @@ impl NodeBackend for LocalNode {
             mount::unmount(&device).await?;
             mount::remove_mount_point(&device).await?;
             let img = self.volume_dir(volume_id)?.join(BLOCK_IMAGE);
-            if tokio::fs::metadata(&img).await.is_ok() {
-                if let Some(dev) = loop_device_for(&img).await? {
-                    command::run("losetup", &["-d", mount::path_str(&dev)?], SHORT_TIMEOUT).await?;
-                }
+            if tokio::fs::metadata(&img).await.is_ok()
+                && let Some(dev) = loop_device_for(&img).await?
+            {
+                command::run("losetup", &["-d", mount::path_str(&dev)?], SHORT_TIMEOUT).await?;
             }
         }
         mount::unmount(staging_path).await

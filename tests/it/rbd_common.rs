@@ -393,10 +393,10 @@ pub fn loops_below(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
-            if b.trim_end().starts_with(root.to_str().unwrap()) {
-                out.push(name);
-            }
+        if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file"))
+            && b.trim_end().starts_with(root.to_str().unwrap())
+        {
+            out.push(name);
         }
     }
     out

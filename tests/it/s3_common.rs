@@ -422,17 +422,17 @@ async fn pipe(
             }
             tail.extend_from_slice(&buf[..n]);
             let text = String::from_utf8_lossy(&tail).to_string();
-            if let Some(p) = poison.lock().unwrap().clone() {
-                if text.contains(&p) {
-                    down.store(true, Ordering::SeqCst);
-                    return Ok(None);
-                }
+            if let Some(p) = poison.lock().unwrap().clone()
+                && text.contains(&p)
+            {
+                down.store(true, Ordering::SeqCst);
+                return Ok(None);
             }
-            if let Some((needle, code)) = refuse.lock().unwrap().clone() {
-                if text.contains(&needle) {
-                    refused.fetch_add(1, Ordering::SeqCst);
-                    return Ok(Some(code));
-                }
+            if let Some((needle, code)) = refuse.lock().unwrap().clone()
+                && text.contains(&needle)
+            {
+                refused.fetch_add(1, Ordering::SeqCst);
+                return Ok(Some(code));
             }
             if tail.len() > 512 {
                 tail.drain(..tail.len() - 512);

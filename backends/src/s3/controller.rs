@@ -250,10 +250,10 @@ impl S3Controller {
                 )
             });
         }
-        if self.instances.len() == 1 {
-            if let Some(i) = self.instances.values().next() {
-                return Ok(i);
-            }
+        if self.instances.len() == 1
+            && let Some(i) = self.instances.values().next()
+        {
+            return Ok(i);
         }
         self.instances.get("default").ok_or_else(|| {
             Error::invalid(

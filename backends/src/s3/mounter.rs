@@ -166,13 +166,11 @@ fn aws_url(region: &str) -> String {
     format!("https://s3.{region}.amazonaws.com")
 }
 
-/// argv (program first) and extra environment for mounting `spec` at `target`, with the
-/// credential files in `dir`.
-pub fn command_line(
-    spec: &MountSpec,
-    target: &Path,
-    dir: &Path,
-) -> Result<(Vec<String>, Vec<(String, String)>)> {
+/// A mounter's argv (program first) and the environment it needs besides ours.
+pub type CommandLine = (Vec<String>, Vec<(String, String)>);
+
+/// The command line for mounting `spec` at `target`, with the credential files in `dir`.
+pub fn command_line(spec: &MountSpec, target: &Path, dir: &Path) -> Result<CommandLine> {
     let target = mount::path_str(target)?.to_owned();
     let dir_s = mount::path_str(dir)?.to_owned();
     let url = spec
@@ -319,21 +317,21 @@ pub async fn start(spec: &MountSpec, target: &Path, dir: &Path, timeout: Duratio
             let _ = mount::unmount(target).await;
             return Err(failed(&what, &format!("exited with {status}"), &log_path).await);
         }
-        if let Some(m) = mount::mounted_at(target).await? {
-            if m.fs_type.starts_with("fuse") {
-                match probe_live(target).await {
-                    Probe::Alive => {
-                        // The first stat waits for the mounter's own start-up checks; it must
-                        // still be running after them.
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        if child.try_wait().ok().flatten().is_none()
-                            && mount::mounted_at(target).await?.is_some()
-                        {
-                            return Ok(pid);
-                        }
+        if let Some(m) = mount::mounted_at(target).await?
+            && m.fs_type.starts_with("fuse")
+        {
+            match probe_live(target).await {
+                Probe::Alive => {
+                    // The first stat waits for the mounter's own start-up checks; it must
+                    // still be running after them.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    if child.try_wait().ok().flatten().is_none()
+                        && mount::mounted_at(target).await?.is_some()
+                    {
+                        return Ok(pid);
                     }
-                    Probe::Dead(_) | Probe::Missing => {}
                 }
+                Probe::Dead(_) | Probe::Missing => {}
             }
         }
         if started.elapsed() > timeout {

@@ -347,10 +347,9 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
             .copied()
+            && at.elapsed() < STATS_TTL
         {
-            if at.elapsed() < STATS_TTL {
-                return Ok((b, o, c));
-            }
+            return Ok((b, o, c));
         }
         let dir = self.dir_of(&rec.staging_path);
         let creds = read_creds(&dir)?;
@@ -444,21 +443,21 @@ fn spec_from(req: &StageRequest) -> Result<(MountSpec, u64)> {
     let id = VolumeId::parse("volume_id", &req.volume_id)?;
     let loc = Location::from_id("volume_id", &id)?;
     let ctx = &req.context;
-    if let Some(b) = ctx.get(CTX_BUCKET).filter(|b| !b.is_empty()) {
-        if *b != loc.bucket {
-            return Err(Error::invalid(
-                F,
-                format!("bucket {b:?} does not match the volume ID"),
-            ));
-        }
+    if let Some(b) = ctx.get(CTX_BUCKET).filter(|b| !b.is_empty())
+        && *b != loc.bucket
+    {
+        return Err(Error::invalid(
+            F,
+            format!("bucket {b:?} does not match the volume ID"),
+        ));
     }
-    if let Some(p) = ctx.get(CTX_PREFIX).filter(|p| !p.is_empty()) {
-        if Some(p) != loc.prefix.as_ref() {
-            return Err(Error::invalid(
-                F,
-                format!("prefix {p:?} does not match the volume ID"),
-            ));
-        }
+    if let Some(p) = ctx.get(CTX_PREFIX).filter(|p| !p.is_empty())
+        && Some(p) != loc.prefix.as_ref()
+    {
+        return Err(Error::invalid(
+            F,
+            format!("prefix {p:?} does not match the volume ID"),
+        ));
     }
     let endpoint = ctx.get(CTX_ENDPOINT).filter(|e| !e.is_empty()).cloned();
     if let Some(u) = &endpoint {
@@ -716,13 +715,13 @@ impl NodeBackend for S3Node {
                 path.display()
             )),
         };
-        if abnormal.is_none() {
-            if let Probe::Dead(why) = mounter::probe_live(path).await {
-                abnormal = Some(format!(
-                    "volume at {} does not answer: {why}",
-                    path.display()
-                ));
-            }
+        if abnormal.is_none()
+            && let Probe::Dead(why) = mounter::probe_live(path).await
+        {
+            abnormal = Some(format!(
+                "volume at {} does not answer: {why}",
+                path.display()
+            ));
         }
         let (used, objects, capacity) = match inner.usage(&rec).await {
             Ok(u) => u,

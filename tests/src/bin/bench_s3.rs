@@ -227,10 +227,10 @@ async fn wait_on_gateway(
     let deadline = Instant::now() + Duration::from_secs(300);
     for k in keys {
         loop {
-            if let Ok(h) = s3.head_object().bucket(bucket).key(k).send().await {
-                if h.content_length() == Some(size) {
-                    break;
-                }
+            if let Ok(h) = s3.head_object().bucket(bucket).key(k).send().await
+                && h.content_length() == Some(size)
+            {
+                break;
             }
             if Instant::now() > deadline {
                 bail!("{k} not on the gateway after 300 s");

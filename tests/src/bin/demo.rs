@@ -65,12 +65,12 @@ async fn main() -> Result<()> {
 
     let vol = s
         .run("CreateVolume demo-volume (64 MiB)", async {
-            Ok(c.controller
+            c.controller
                 .create_volume(wire::create("demo-volume", 64 << 20))
                 .await?
                 .into_inner()
                 .volume
-                .context("no volume")?)
+                .context("no volume")
         })
         .await?;
     let staging = work.path().join("staging");
@@ -148,7 +148,7 @@ async fn main() -> Result<()> {
     .await?;
     let snap = s
         .run("CreateSnapshot demo-snapshot", async {
-            Ok(c.controller
+            c.controller
                 .create_snapshot(v1::CreateSnapshotRequest {
                     source_volume_id: vol.volume_id.clone(),
                     name: "demo-snapshot".into(),
@@ -157,7 +157,7 @@ async fn main() -> Result<()> {
                 .await?
                 .into_inner()
                 .snapshot
-                .context("no snapshot")?)
+                .context("no snapshot")
         })
         .await?;
     s.run("DeleteSnapshot", async {
