@@ -149,7 +149,7 @@ pub fn is_volume_bound_to_claim(pv: &PersistentVolume, claim: &PersistentVolumeC
     ref_uid.is_empty() || ref_uid == o::uid(&claim.metadata)
 }
 
-fn claim_ref(pv: &PersistentVolume) -> Option<&ObjectReference> {
+pub fn claim_ref(pv: &PersistentVolume) -> Option<&ObjectReference> {
     pv.spec.as_ref()?.claim_ref.as_ref()
 }
 

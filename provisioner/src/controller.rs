@@ -672,6 +672,9 @@ struct VolumeRun<'a> {
     api: Api<PersistentVolume>,
     /// The object is gone; later steps that need it are done.
     gone: bool,
+    /// The object moved on since the cache showed it (see [`VolumeRun::still_released`]);
+    /// the rest of this sync is moot and the next one starts from the new state.
+    stale: bool,
 }
 
 impl VolumeRun<'_> {
@@ -699,7 +702,7 @@ impl VolumeRun<'_> {
     }
 
     async fn apply(&mut self, action: VolumeAction) -> Result<(), Error> {
-        if self.gone {
+        if self.gone || self.stale {
             return Ok(());
         }
         let ctx = self.ctx;
@@ -721,26 +724,30 @@ impl VolumeRun<'_> {
                 }
             }
             VolumeAction::Unbind => {
-                binder::unbind_volume(&mut self.pv);
-                self.replace("unbinding").await?;
+                self.update("unbinding", binder::unbind_volume).await?;
                 let _ = ctx.volume_freed.try_send(());
             }
             VolumeAction::AddFinalizer => {
-                self.pv
-                    .metadata
-                    .finalizers
-                    .get_or_insert_with(Vec::new)
-                    .push(FINALIZER.to_owned());
-                self.replace("adding the finalizer").await?;
+                self.update("adding the finalizer", |pv| {
+                    let f = pv.metadata.finalizers.get_or_insert_with(Vec::new);
+                    if !f.iter().any(|x| x == FINALIZER) {
+                        f.push(FINALIZER.to_owned());
+                    }
+                })
+                .await?
             }
             VolumeAction::RemoveFinalizer => {
-                if let Some(f) = self.pv.metadata.finalizers.as_mut() {
-                    f.retain(|x| x != FINALIZER);
-                }
-                self.replace("removing the finalizer").await?;
+                self.update("removing the finalizer", |pv| {
+                    if let Some(f) = pv.metadata.finalizers.as_mut() {
+                        f.retain(|x| x != FINALIZER);
+                    }
+                })
+                .await?
             }
             VolumeAction::DeleteBackend => {
-                self.ensure_released().await?;
+                if !self.still_released().await? {
+                    return Ok(());
+                }
                 let handle = o::volume_handle(&self.pv).unwrap_or("").to_owned();
                 let started = Instant::now();
                 let res = match deletion_secrets(ctx, &self.pv).await {
@@ -782,7 +789,9 @@ impl VolumeRun<'_> {
                 }
             }
             VolumeAction::Recycle => {
-                self.ensure_released().await?;
+                if !self.still_released().await? {
+                    return Ok(());
+                }
                 let handle = o::volume_handle(&self.pv).unwrap_or("").to_owned();
                 let context: BTreeMap<String, String> = self
                     .pv
@@ -836,17 +845,81 @@ impl VolumeRun<'_> {
         Ok(())
     }
 
-    /// Before data goes away: the claim must be gone in the API itself, not only in the cache.
-    async fn ensure_released(&self) -> Result<(), Error> {
+    /// Writes a change to the volume's spec or metadata. Other controllers (KCM's binder and
+    /// recycler, pv-protection) write the same object at the same moments, so a conflict is
+    /// retried on a fresh copy while that copy still belongs to the same claim: after a
+    /// DeleteVolume or a scrub, losing the follow-up write to a conflict would mean doing the
+    /// destructive step again on the next sync.
+    async fn update(&mut self, what: &str, change: fn(&mut PersistentVolume)) -> Result<(), Error> {
+        let claim_uid = |pv: &PersistentVolume| binder::claim_ref(pv).and_then(|r| r.uid.clone());
+        let seen = claim_uid(&self.pv);
+        for attempt in 0..5 {
+            change(&mut self.pv);
+            match self.replace(what).await {
+                Err(e) if e.is_conflict() && attempt < 4 => {
+                    let name = self.name();
+                    let fresh = self
+                        .api
+                        .get_opt(&name)
+                        .await
+                        .map_err(Error::api(format!("reading volume {name}")))?
+                        .filter(|pv| pv.metadata.uid == self.pv.metadata.uid);
+                    let Some(pv) = fresh else {
+                        self.gone = true;
+                        return Ok(());
+                    };
+                    if claim_uid(&pv) != seen {
+                        self.stale = true;
+                        return Ok(());
+                    }
+                    self.pv = pv;
+                }
+                other => return other,
+            }
+        }
+        Ok(())
+    }
+
+    /// Before data goes away: the volume and its claim as the API has them now, not as the
+    /// cache does. A sync that runs on a stale copy would otherwise delete a volume twice
+    /// or, worse, scrub a volume that was already recycled and bound to the next claim.
+    /// Ok(false): the volume is gone or its claimRef changed; nothing is to be done now.
+    async fn still_released(&mut self) -> Result<bool, Error> {
+        let name = self.name();
+        let live = self
+            .api
+            .get_opt(&name)
+            .await
+            .map_err(Error::api(format!("reading volume {name}")))?
+            .filter(|pv| pv.metadata.uid == self.pv.metadata.uid);
+        let Some(pv) = live else {
+            tracing::debug!("volume already gone");
+            self.gone = true;
+            return Ok(false);
+        };
+        let claim_uid = |pv: &PersistentVolume| binder::claim_ref(pv).and_then(|r| r.uid.clone());
+        // Our finalizer goes only once the backend volume is gone (or is not ours to delete),
+        // so a live copy without it means an earlier sync finished the job.
+        let moved_on = claim_uid(&pv) != claim_uid(&self.pv)
+            || (o::has_finalizer(&self.pv.metadata, FINALIZER)
+                && !o::has_finalizer(&pv.metadata, FINALIZER));
+        self.pv = pv;
+        if moved_on {
+            tracing::debug!(
+                "volume changed since the cached copy (claimRef or finalizer); skipping"
+            );
+            self.stale = true;
+            return Ok(false);
+        }
         let live = live_claim(self.ctx, &self.pv).await?;
         match binder::relation(&self.pv, live.as_ref()) {
             binder::Relation::Released
             | binder::Relation::Unclaimed
-            | binder::Relation::Reserved => Ok(()),
+            | binder::Relation::Reserved => Ok(true),
             binder::Relation::ClaimElsewhere
                 if o::has_annotation(&self.pv.metadata, o::ANN_PROVISIONED_BY) =>
             {
-                Ok(())
+                Ok(true)
             }
             _ => Err(Error::ClaimAlive(
                 live.map(|c| o::claim_key(&c)).unwrap_or_default(),
@@ -879,6 +952,7 @@ async fn reconcile_volume(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Ac
             pv: (*pv).clone(),
             api: Api::all(ctx.client.clone()),
             gone: false,
+            stale: false,
         };
         for a in actions {
             run.apply(a).await?;

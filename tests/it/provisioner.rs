@@ -109,6 +109,24 @@ async fn dynamic_with_delete() -> Result<()> {
         delete_claim(w, "data").await?;
         w.wait_pv_gone(&pv_name(&pv), T).await?;
         assert!(!dir.exists(), "the backend volume must go with the PV");
+
+        // What happened is counted on /metrics, with the provisioning latency.
+        let prov = w.prov.as_ref().context("no provisioner")?;
+        let (status, _) = prov.http_get("/healthz")?;
+        assert!(status.contains(" 200"), "{status}");
+        let (status, text) = prov.http_get("/metrics")?;
+        assert!(status.contains(" 200"), "{status}");
+        for want in [
+            r#"stowage_provisioner_operations_total{operation="provision",result="success"} 1"#,
+            r#"stowage_provisioner_operations_total{operation="delete",result="success"} 1"#,
+            r#"stowage_provisioner_operation_duration_seconds_count{operation="provision"} 1"#,
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "{want} missing:\n{text}\nlog:\n{}",
+                prov.log_text()
+            );
+        }
         Ok(())
     })
     .await
@@ -192,6 +210,22 @@ async fn recycle_scrubs_and_reuses() -> Result<()> {
         let again = w.wait_bound("second", T).await?;
         assert_eq!(pv_name(&again), name);
         assert_eq!(w.backend_dirs().len(), 1);
+        // Scrubbed once: a sync on a stale cached copy must not scrub the next tenant's data.
+        write_file(&dir, "new tenant", b"keep me")?;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(std::fs::read(dir.join("new tenant"))?, b"keep me");
+        let (_, text) = w
+            .prov
+            .as_ref()
+            .context("no provisioner")?
+            .http_get("/metrics")?;
+        let want =
+            r#"stowage_provisioner_operations_total{operation="recycle",result="success"} 1"#;
+        assert!(
+            text.lines().any(|l| l == want),
+            "{want} missing:\n{text}\nlog:\n{}",
+            w.prov_log()
+        );
         Ok(())
     })
     .await

@@ -273,6 +273,33 @@ impl Provisioner {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The address its log says /metrics is served on (it binds port 0 in tests).
+    pub fn metrics_address(&self) -> Option<String> {
+        let log = self.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("serving /metrics and /healthz"))?;
+        line.split(|c: char| !(c.is_ascii_digit() || c == '.' || c == ':'))
+            .find(|w| w.contains(':') && w.split(':').count() == 2 && w.contains('.'))
+            .map(str::to_owned)
+    }
+
+    /// GET `path` from the metrics server: (status line, body).
+    pub fn http_get(&self, path: &str) -> Result<(String, String)> {
+        use std::io::{Read, Write};
+        let addr = self
+            .metrics_address()
+            .context("the provisioner did not log its metrics address")?;
+        let mut conn = std::net::TcpStream::connect(&addr)?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(conn, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+        let mut reply = String::new();
+        conn.read_to_string(&mut reply)?;
+        let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+        let status = head.lines().next().unwrap_or("").to_owned();
+        Ok((status, body.to_owned()))
+    }
+
     /// SIGKILL: no cleanup, no lease release (a crash).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
