@@ -666,6 +666,11 @@ async fn deletion_secrets(
     }
 }
 
+/// The UID of the claim a volume is bound to (or was, when Released).
+fn claim_uid(pv: &PersistentVolume) -> Option<String> {
+    binder::claim_ref(pv).and_then(|r| r.uid.clone())
+}
+
 struct VolumeRun<'a> {
     ctx: &'a Ctx,
     pv: PersistentVolume,
@@ -845,26 +850,29 @@ impl VolumeRun<'_> {
         Ok(())
     }
 
+    /// The volume as the API has it now; None when it is gone (or a new object took the name).
+    async fn live(&self) -> Result<Option<PersistentVolume>, Error> {
+        let name = self.name();
+        Ok(self
+            .api
+            .get_opt(&name)
+            .await
+            .map_err(Error::api(format!("reading volume {name}")))?
+            .filter(|pv| pv.metadata.uid == self.pv.metadata.uid))
+    }
+
     /// Writes a change to the volume's spec or metadata. Other controllers (KCM's binder and
     /// recycler, pv-protection) write the same object at the same moments, so a conflict is
     /// retried on a fresh copy while that copy still belongs to the same claim: after a
     /// DeleteVolume or a scrub, losing the follow-up write to a conflict would mean doing the
     /// destructive step again on the next sync.
     async fn update(&mut self, what: &str, change: fn(&mut PersistentVolume)) -> Result<(), Error> {
-        let claim_uid = |pv: &PersistentVolume| binder::claim_ref(pv).and_then(|r| r.uid.clone());
         let seen = claim_uid(&self.pv);
         for attempt in 0..5 {
             change(&mut self.pv);
             match self.replace(what).await {
                 Err(e) if e.is_conflict() && attempt < 4 => {
-                    let name = self.name();
-                    let fresh = self
-                        .api
-                        .get_opt(&name)
-                        .await
-                        .map_err(Error::api(format!("reading volume {name}")))?
-                        .filter(|pv| pv.metadata.uid == self.pv.metadata.uid);
-                    let Some(pv) = fresh else {
+                    let Some(pv) = self.live().await? else {
                         self.gone = true;
                         return Ok(());
                     };
@@ -885,19 +893,11 @@ impl VolumeRun<'_> {
     /// or, worse, scrub a volume that was already recycled and bound to the next claim.
     /// Ok(false): the volume is gone or its claimRef changed; nothing is to be done now.
     async fn still_released(&mut self) -> Result<bool, Error> {
-        let name = self.name();
-        let live = self
-            .api
-            .get_opt(&name)
-            .await
-            .map_err(Error::api(format!("reading volume {name}")))?
-            .filter(|pv| pv.metadata.uid == self.pv.metadata.uid);
-        let Some(pv) = live else {
+        let Some(pv) = self.live().await? else {
             tracing::debug!("volume already gone");
             self.gone = true;
             return Ok(false);
         };
-        let claim_uid = |pv: &PersistentVolume| binder::claim_ref(pv).and_then(|r| r.uid.clone());
         // Our finalizer goes only once the backend volume is gone (or is not ours to delete),
         // so a live copy without it means an earlier sync finished the job.
         let moved_on = claim_uid(&pv) != claim_uid(&self.pv)
