@@ -105,7 +105,7 @@ impl Listener {
     pub async fn bind(endpoint: &Endpoint) -> Result<Self, ServeError> {
         let kind = match endpoint {
             Endpoint::Unix(path) => {
-                let (listener, guard) = bind_unix(endpoint, path).await?;
+                let (listener, guard) = bind_unix_socket(path).await?;
                 ListenerKind::Unix { listener, guard }
             }
             Endpoint::Tcp { host, port } => {
@@ -226,10 +226,10 @@ where
     }
 }
 
-async fn bind_unix(
-    endpoint: &Endpoint,
-    path: &Path,
-) -> Result<(UnixListener, SocketGuard), ServeError> {
+/// Binds a unix socket the way every Stowage server does (the CSI plugins here, the Docker
+/// plugin too): parent directory created, a stale socket cleared (only a socket nobody is
+/// listening on), mode [`SOCKET_MODE`]; the guard removes the socket when dropped.
+pub async fn bind_unix_socket(path: &Path) -> Result<(UnixListener, SocketGuard), ServeError> {
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir)
             .await
@@ -241,7 +241,7 @@ async fn bind_unix(
     remove_stale_socket(path).await?;
 
     let listener = UnixListener::bind(path).map_err(|source| ServeError::Bind {
-        endpoint: endpoint.clone(),
+        endpoint: Endpoint::Unix(path.to_owned()),
         source,
     })?;
     // Remove the socket again if anything below fails.
@@ -305,7 +305,7 @@ async fn remove_stale_socket(path: &Path) -> Result<(), ServeError> {
 /// Removes the socket it was created for on drop, unless the path now
 /// holds a different file (a newer instance already rebound it).
 #[derive(Debug)]
-struct SocketGuard {
+pub struct SocketGuard {
     path: PathBuf,
     dev: u64,
     ino: u64,
