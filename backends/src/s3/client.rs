@@ -13,7 +13,7 @@ use aws_sdk_s3::config::{
     SharedHttpClient, StalledStreamProtectionConfig,
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
-use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+use aws_sdk_s3::types::{Delete, Object, ObjectIdentifier};
 
 use super::{SECRET_ACCESS_KEY_ID, SECRET_SECRET_ACCESS_KEY, SECRET_SESSION_TOKEN, hash_hex};
 use crate::error::{Error, Result};
@@ -364,18 +364,8 @@ impl Target<'_> {
         } else {
             let mut token: Option<String> = None;
             loop {
-                let out = self
-                    .client
-                    .list_objects_v2()
-                    .bucket(self.bucket)
-                    .prefix(self.prefix)
-                    .set_continuation_token(token.clone())
-                    .max_keys(1000)
-                    .send()
-                    .await
-                    .map_err(|e| map_err(format!("ListObjectsV2 {}", self.what()), self.ep, e))?;
-                let ids: Vec<(String, Option<String>)> = out
-                    .contents()
+                let (objects, next) = self.list_page(token).await?;
+                let ids: Vec<(String, Option<String>)> = objects
                     .iter()
                     .filter_map(|o| o.key())
                     .filter(|k| Some(*k) != keep)
@@ -383,8 +373,8 @@ impl Target<'_> {
                     .collect();
                 n += ids.len() as u64;
                 self.delete_keys(ids, batch).await?;
-                token = out.next_continuation_token().map(str::to_owned);
-                if out.is_truncated() != Some(true) || token.is_none() {
+                token = next;
+                if token.is_none() {
                     break;
                 }
             }
@@ -532,17 +522,8 @@ impl Target<'_> {
         let mut token: Option<String> = None;
         let mut n = 0u64;
         loop {
-            let out = self
-                .client
-                .list_objects_v2()
-                .bucket(self.bucket)
-                .prefix(self.prefix)
-                .set_continuation_token(token.clone())
-                .max_keys(1000)
-                .send()
-                .await
-                .map_err(|e| map_err(format!("ListObjectsV2 {}", self.what()), self.ep, e))?;
-            for o in out.contents() {
+            let (objects, next) = self.list_page(token).await?;
+            for o in &objects {
                 let Some(k) = o.key() else { continue };
                 let rest = k.strip_prefix(self.prefix).unwrap_or(k);
                 let dest = format!("{dest_prefix}{rest}");
@@ -550,8 +531,8 @@ impl Target<'_> {
                 self.copy_one(k, dest_bucket, &dest, size).await?;
                 n += 1;
             }
-            token = out.next_continuation_token().map(str::to_owned);
-            if out.is_truncated() != Some(true) || token.is_none() {
+            token = next;
+            if token.is_none() {
                 return Ok(n);
             }
         }
@@ -651,27 +632,38 @@ impl Target<'_> {
         res
     }
 
+    /// One page (up to 1000) of the objects under the target, and the token for the next
+    /// page (None after the last).
+    async fn list_page(&self, token: Option<String>) -> Result<(Vec<Object>, Option<String>)> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(self.bucket)
+            .prefix(self.prefix)
+            .set_continuation_token(token)
+            .max_keys(1000)
+            .send()
+            .await
+            .map_err(|e| map_err(format!("ListObjectsV2 {}", self.what()), self.ep, e))?;
+        let next = match out.is_truncated() {
+            Some(true) => out.next_continuation_token().map(str::to_owned),
+            _ => None,
+        };
+        Ok((out.contents.unwrap_or_default(), next))
+    }
+
     /// Bytes and objects under the target (usage: S3 has no quota to ask).
     pub async fn usage(&self) -> Result<(u64, u64)> {
         let mut token: Option<String> = None;
         let (mut bytes, mut objects) = (0u64, 0u64);
         loop {
-            let out = self
-                .client
-                .list_objects_v2()
-                .bucket(self.bucket)
-                .prefix(self.prefix)
-                .set_continuation_token(token.clone())
-                .max_keys(1000)
-                .send()
-                .await
-                .map_err(|e| map_err(format!("ListObjectsV2 {}", self.what()), self.ep, e))?;
-            for o in out.contents() {
+            let (page, next) = self.list_page(token).await?;
+            for o in &page {
                 bytes = bytes.saturating_add(o.size().unwrap_or(0).max(0) as u64);
                 objects += 1;
             }
-            token = out.next_continuation_token().map(str::to_owned);
-            if out.is_truncated() != Some(true) || token.is_none() {
+            token = next;
+            if token.is_none() {
                 return Ok((bytes, objects));
             }
         }
