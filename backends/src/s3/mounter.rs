@@ -254,16 +254,8 @@ pub fn command_line(spec: &MountSpec, target: &Path, dir: &Path) -> Result<Comma
 
 /// Environment variables a mounter must not inherit from the plugin: credentials or config
 /// that would override the volume's own.
-const SCRUBBED_ENV: &[&str] = &[
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_ENDPOINT_URL",
-    "AWS_CONFIG_FILE",
-    "AWSACCESSKEYID",
-    "AWSSECRETACCESSKEY",
-    "RCLONE_CONFIG",
-];
+/// The plugin's environment variables a mounter inherits; everything else is dropped.
+const KEPT_ENV: &[&str] = &["PATH", "LANG", "LC_ALL", "TZ"];
 
 /// Starts the mounter and waits (bounded) until the mount is live. Returns the mounter's pid.
 pub async fn start(spec: &MountSpec, target: &Path, dir: &Path, timeout: Duration) -> Result<u32> {
@@ -288,9 +280,16 @@ pub async fn start(spec: &MountSpec, target: &Path, dir: &Path, timeout: Duratio
         // Its own process group: no terminal or group signals aimed at the plugin reach it.
         .process_group(0)
         .current_dir(dir);
-    for k in SCRUBBED_ENV {
-        cmd.env_remove(k);
+    // A clean environment, not the plugin's: whatever credentials or settings the plugin's
+    // own environment holds (AWS_*, RCLONE_*, a proxy) must not change what the mounter does
+    // or be readable in its /proc/<pid>/environ. Only what a program needs to run is kept.
+    cmd.env_clear();
+    for k in KEPT_ENV {
+        if let Some(v) = std::env::var_os(k) {
+            cmd.env(k, v);
+        }
     }
+    cmd.env("HOME", dir);
     for (k, v) in &env {
         cmd.env(k, v);
     }
