@@ -282,5 +282,7 @@ pub fn volume_finalizer_removable<'a>(
         && !attachments.into_iter().any(|va| pv_name(va) == Some(name))
 }
 
+// The table tests live next to this file (attach/tests.rs), not in a plan/ directory.
 #[cfg(test)]
+#[path = "tests.rs"]
 mod tests;

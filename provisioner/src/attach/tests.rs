@@ -125,6 +125,7 @@ fn finalizer_name_is_external_attachers() {
 #[test]
 fn attach_steps() {
     let node = csinode(&[("other.io", "x"), (DRIVER, "id-a")]);
+    let foreign = csinode(&[("other.io", "x")]);
     let bare = pv(&["ReadWriteOnce"], &[]);
     let guarded = pv(&["ReadWriteOnce"], &[FIN]);
     let table: Vec<(&str, VolumeAttachment, Option<&PersistentVolume>, Option<&CSINode>, Step)> = vec![
@@ -172,7 +173,7 @@ fn attach_steps() {
             "CSINode without the driver",
             va(&[], None, false, false),
             Some(&guarded),
-            Some(&csinode(&[("other.io", "x")])),
+            Some(&foreign),
             Step::AttachError(
                 "driver rbd.stowage.io is not registered in the CSINode of node \"node-a\"".into(),
             ),

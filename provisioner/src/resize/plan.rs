@@ -308,5 +308,7 @@ pub fn is_infeasible(code: Option<tonic::Code>) -> bool {
     )
 }
 
+// The table tests live next to this file (attach/tests.rs), not in a plan/ directory.
 #[cfg(test)]
+#[path = "tests.rs"]
 mod tests;
