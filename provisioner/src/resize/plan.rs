@@ -130,6 +130,9 @@ pub fn next(input: &ResizeInput<'_>) -> Step {
                 ),
                 Some(a),
             ) => a,
+            // The driver refused this very size: only a new request (recovery) is worth a
+            // call, and repeating the refusal would rewrite the claim in a loop.
+            (Some(CONTROLLER_RESIZE_INFEASIBLE), Some(a)) if a == request => return Step::Done,
             // After an infeasible size the user's new request is tried (recovery), as is
             // any first request.
             _ => request,

@@ -143,6 +143,12 @@ fn when_and_how_far_to_expand() {
             Some(3 * GI),
         ),
         (
+            "infeasible, request unchanged: waits for the user",
+            claim("100Gi", "1Gi", Some(("100Gi", CONTROLLER_RESIZE_INFEASIBLE))),
+            pv("1Gi"),
+            None,
+        ),
+        (
             "PV grown, claim not recorded (crash): asked again",
             claim("2Gi", "1Gi", Some(("2Gi", CONTROLLER_RESIZE_IN_PROGRESS))),
             pv("2Gi"),
