@@ -3,7 +3,8 @@
 # kube-controller-manager, kube-scheduler built by tests/infra/kube.sh), the real
 # stowage-controller on the local backend, in both binder modes: a cluster whose KCM binds
 # (--binder=kcm) and one started with --no-pv-binder (--binder=builtin); in each, once on the
-# local backend and once on NFS against nfs-ganesha (tests/infra/ganesha.sh). The provisioner
+# local backend and once on NFS against nfs-ganesha (tests/infra/ganesha.sh), then the attach and
+# resize duties on the local backend (tests/it/attach_resize.rs). The provisioner
 # runs with the ServiceAccount of provisioner/deploy/rbac.yaml. Prints one line: N passed,
 # N failed.
 #
@@ -32,7 +33,7 @@ fi
 # checkout) replaces the files in target/debug while we run, the links keep ours.
 bin=${STOWAGE_BIN_DIR:-${CARGO_TARGET_DIR:?}/debug}
 mkdir -p "$work/bin"
-for b in stowage-controller stowage-provisioner; do
+for b in stowage-controller stowage-node stowage-provisioner; do
   ln "$bin/$b" "$work/bin/$b" 2>/dev/null || cp "$bin/$b" "$work/bin/$b" || {
     echo "$bin/$b missing: build the workspace first"; echo "0 passed, 1 failed"; exit 1; }
 done
@@ -69,6 +70,18 @@ for mode in kcm builtin; do
     ) | tee "$out"
     tally_cargo "$out" "${PIPESTATUS[0]}"
   done
+  # Attach and resize duties (tests/it/attach_resize.rs), on the local backend: it advertises
+  # PUBLISH_UNPUBLISH_VOLUME and EXPAND_VOLUME, and the tests restart its controller with a
+  # size limit and register node IDs through stowage-node.
+  echo "-- attach and resize, backend local"
+  (
+    set -a
+    # shellcheck disable=SC1091
+    . "$work/$mode/env"
+    set +a
+    cargo test -p stowage-tests --locked --test attach_resize -- --test-threads=1 2>&1
+  ) | tee "$out"
+  tally_cargo "$out" "${PIPESTATUS[0]}"
   "$kube" stop --state "$work/$mode" >/dev/null 2>&1
 done
 echo "$passed passed, $failed failed"
