@@ -242,11 +242,8 @@ async fn resize_grows_fails_infeasibly_and_recovers() -> Result<()> {
             .as_ref()
             .context("no provisioner")?
             .http_get("/metrics")?;
-        for want in
-            [r#"stowage_provisioner_operations_total{operation="expand",result="success"} 2"#]
-        {
-            ensure!(text.lines().any(|l| l == want), "{want} missing:\n{text}");
-        }
+        let want = r#"stowage_provisioner_operations_total{operation="expand",result="success"} 2"#;
+        ensure!(text.lines().any(|l| l == want), "{want} missing:\n{text}");
         ensure!(
             text.lines().any(|l| l.starts_with(
                 r#"stowage_provisioner_operations_total{operation="expand",result="failure"}"#

@@ -65,7 +65,7 @@ fn va(
             finalizers: Some(finalizers.iter().map(|s| s.to_string()).collect()),
             annotations: node_ann
                 .map(|n| BTreeMap::from([(ANN_NODE_ID.to_string(), n.to_string())])),
-            deletion_timestamp: deleting.then(|| Time(Timestamp::UNIX_EPOCH)),
+            deletion_timestamp: deleting.then_some(Time(Timestamp::UNIX_EPOCH)),
             ..Default::default()
         },
         spec: VolumeAttachmentSpec {
@@ -102,6 +102,15 @@ fn csinode(drivers: &[(&str, &str)]) -> CSINode {
     }
 }
 
+/// What a case says, the attachment, its PV and CSINode, and the step expected.
+type Case<'a> = (
+    &'a str,
+    VolumeAttachment,
+    Option<&'a PersistentVolume>,
+    Option<&'a CSINode>,
+    Step,
+);
+
 fn step(va: &VolumeAttachment, pv: Option<&PersistentVolume>, node: Option<&CSINode>) -> Step {
     next(&AttachInput {
         driver: DRIVER,
@@ -128,7 +137,7 @@ fn attach_steps() {
     let foreign = csinode(&[("other.io", "x")]);
     let bare = pv(&["ReadWriteOnce"], &[]);
     let guarded = pv(&["ReadWriteOnce"], &[FIN]);
-    let table: Vec<(&str, VolumeAttachment, Option<&PersistentVolume>, Option<&CSINode>, Step)> = vec![
+    let table: Vec<Case<'_>> = vec![
         (
             "PV first",
             va(&[], None, false, false),
@@ -246,13 +255,7 @@ fn detach_steps() {
             }),
         })
     };
-    let table: Vec<(
-        &str,
-        VolumeAttachment,
-        Option<&PersistentVolume>,
-        Option<&CSINode>,
-        Step,
-    )> = vec![
+    let table: Vec<Case<'_>> = vec![
         (
             "not ours to hold",
             va(&[], None, true, true),

@@ -144,7 +144,11 @@ fn when_and_how_far_to_expand() {
         ),
         (
             "infeasible, request unchanged: waits for the user",
-            claim("100Gi", "1Gi", Some(("100Gi", CONTROLLER_RESIZE_INFEASIBLE))),
+            claim(
+                "100Gi",
+                "1Gi",
+                Some(("100Gi", CONTROLLER_RESIZE_INFEASIBLE)),
+            ),
             pv("1Gi"),
             None,
         ),
