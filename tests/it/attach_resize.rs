@@ -598,3 +598,204 @@ async fn kcm_attaches_a_pod_volume() -> Result<()> {
     })
     .await
 }
+
+/// A raw block volume needs the node to finish (the kubelet grows nothing for a directory, but
+/// a block image's consumer must see the new size): the claim waits in NodeResizePending with
+/// FileSystemResizePending, its capacity unchanged, the PV already grown.
+#[tokio::test]
+async fn block_resize_waits_for_the_node() -> Result<()> {
+    let _g = serial().await;
+    with_world("resize_block", true, async |w: &mut World| {
+        let class = w
+            .create_class(
+                "blk",
+                json!({"allowVolumeExpansion": true, "reclaimPolicy": "Delete"}),
+            )
+            .await?;
+        w.create_claim(
+            "raw",
+            Some(&class),
+            "1Gi",
+            &["ReadWriteOnce"],
+            json!({"spec": {"volumeMode": "Block"}}),
+        )
+        .await?;
+        let pv = w.wait_bound("raw", T).await?;
+        set_request(w, "raw", "2Gi").await?;
+        let pvcs = w.pvcs();
+        let c = wait_for("the claim to wait for the node", T, || async {
+            let c = pvcs.get("raw").await?;
+            Ok((resize_status(&c).as_deref() == Some("NodeResizePending")).then_some(c))
+        })
+        .await
+        .with_context(|| tail(&w.prov_log(), 40))?;
+        ensure!(
+            condition(&c, "FileSystemResizePending").is_some(),
+            "{:?}",
+            c.status
+        );
+        ensure!(condition(&c, "Resizing").is_none(), "{:?}", c.status);
+        ensure!(
+            claim_capacity(&c) == "1Gi",
+            "capacity is the kubelet's to set"
+        );
+        let p = w.pvs().get(&pv_name(&pv)).await?;
+        ensure!(storage_of(p.spec.as_ref().and_then(|s| s.capacity.as_ref())) == "2Gi");
+        ensure!(backend_volume(w, &handle(&pv)).await?.0 == 2 * GI);
+        w.wait_event(
+            &w.ns,
+            "PersistentVolumeClaim",
+            "raw",
+            "FileSystemResizeRequired",
+            T,
+        )
+        .await?;
+        Ok(())
+    })
+    .await
+}
+
+mod publish_proxy {
+    //! Forwards everything to the controller but holds the answer to ControllerPublishVolume
+    //! once the controller has given it: the volume is published on the backend and the
+    //! provisioner has not heard of it, the moment a crash hurts most.
+
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use hyper::body::Incoming;
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::net::UnixListener;
+    use tokio::sync::watch;
+    use tonic::transport::Channel;
+    use tower::{Service, ServiceExt};
+
+    pub struct PublishProxy {
+        pub socket: PathBuf,
+        held: watch::Receiver<u32>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl PublishProxy {
+        pub async fn start(socket: &Path, upstream: Channel) -> anyhow::Result<PublishProxy> {
+            let listener = UnixListener::bind(socket)?;
+            let (tx, rx) = watch::channel(0u32);
+            let tx = Arc::new(tx);
+            let task = tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let upstream = upstream.clone();
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let svc = service_fn(move |req: http::Request<Incoming>| {
+                            let mut ch = upstream.clone();
+                            let tx = tx.clone();
+                            async move {
+                                let hold = req.uri().path()
+                                    == "/csi.v1.Controller/ControllerPublishVolume";
+                                let req = req.map(tonic::body::Body::new);
+                                let resp = ch.ready().await?.call(req).await?;
+                                if hold {
+                                    tx.send_modify(|n| *n += 1);
+                                    std::future::pending::<()>().await;
+                                }
+                                Ok::<_, tonic::transport::Error>(resp)
+                            }
+                        });
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            });
+            Ok(PublishProxy {
+                socket: socket.to_owned(),
+                held: rx,
+                task,
+            })
+        }
+
+        pub async fn wait_held(&mut self) -> anyhow::Result<()> {
+            self.held.wait_for(|n| *n > 0).await?;
+            Ok(())
+        }
+    }
+
+    impl Drop for PublishProxy {
+        fn drop(&mut self) {
+            self.task.abort();
+            let _ = std::fs::remove_file(&self.socket);
+        }
+    }
+}
+
+/// The provisioner SIGKILLed after ControllerPublishVolume reached the backend but before the
+/// attachment's status said so, then restarted: one attachment, attached, the volume
+/// published to that one node, one finalizer.
+#[tokio::test]
+async fn killed_mid_attach_leaves_one_attachment() -> Result<()> {
+    let _g = serial().await;
+    with_world("attach_killed", false, async |w: &mut World| {
+        let ns = w.ns.clone();
+        let driver = w.driver;
+        let fin = format!("external-attacher/{driver}");
+        let mut nodes = Vec::new();
+        let r = async {
+            let node = format!("{ns}-a");
+            nodes.push(fake_node(w, &node, Some(driver), true, false).await?);
+            let upstream = stowage_csi::client::connect(&w.ctl.endpoint).await?;
+            let sock = w.dir.path().join("proxy.sock");
+            let mut proxy = publish_proxy::PublishProxy::start(&sock, upstream).await?;
+            w.start_provisioner_at(&format!("unix://{}", sock.display()), &[])?;
+            let class = w
+                .create_class("kill", json!({"reclaimPolicy": "Delete"}))
+                .await?;
+            w.create_claim("data", Some(&class), "1Gi", &["ReadWriteOnce"], json!({}))
+                .await?;
+            let pv = w.wait_bound("data", T).await?;
+            let vid = handle(&pv);
+            let vas: Api<VolumeAttachment> = Api::all(w.client.clone());
+            let name = format!("{ns}-va");
+            let va: VolumeAttachment =
+                serde_json::from_value(va_json(&name, driver, &node, &pv_name(&pv)))?;
+            vas.create(&PostParams::default(), &va).await?;
+            tokio::time::timeout(T, proxy.wait_held())
+                .await
+                .context("ControllerPublishVolume never reached the proxy")??;
+            ensure!(backend_volume(w, &vid).await?.1 == vec![node.clone()]);
+            ensure!(!attached(&vas.get(&name).await?));
+            w.prov.as_mut().context("no provisioner")?.kill();
+            drop(proxy);
+            w.start_provisioner(&[])?;
+            let a = wait_va(w, &name, "attached after the restart", attached).await?;
+            ensure!(
+                a.metadata
+                    .finalizers
+                    .iter()
+                    .flatten()
+                    .filter(|f| **f == fin)
+                    .count()
+                    == 1,
+                "{:?}",
+                a.metadata.finalizers
+            );
+            ensure!(backend_volume(w, &vid).await?.1 == vec![node.clone()]);
+            let mine = vas
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .filter(|v| v.spec.source.persistent_volume_name.as_deref() == Some(&pv_name(&pv)))
+                .count();
+            ensure!(mine == 1, "{mine} attachments for the volume");
+            vas.delete(&name, &DeleteParams::default()).await?;
+            wait_va_gone(w, &name).await?;
+            ensure!(backend_volume(w, &vid).await?.1.is_empty());
+            Ok(())
+        }
+        .await;
+        attach_cleanup(w, &ns, &nodes).await;
+        r
+    })
+    .await
+}
