@@ -23,8 +23,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, PostParams};
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use stowage_csi::v1;
 use tokio::time::Instant;
@@ -443,7 +443,21 @@ pub async fn run(
     let va_api: Api<VolumeAttachment> = Api::all(client.clone());
     let pv_api: Api<PersistentVolume> = Api::all(client.clone());
     let workers = ControllerConfig::default().concurrency(settings.workers);
-    let volumes_ctl = Controller::new(pv_api, wc.clone())
+    // Caches without managedFields (see objects::drop_managed_fields): this duty adds a PV
+    // and an attachment cache to the provisioner's own, and should cost little memory.
+    let (pv_reader, pv_writer) = reflector::store::<PersistentVolume>();
+    let pv_stream = watcher(pv_api, wc.clone())
+        .default_backoff()
+        .modify(o::drop_managed_fields)
+        .reflect(pv_writer)
+        .touched_objects();
+    let (va_reader, va_writer) = reflector::store::<VolumeAttachment>();
+    let va_stream = watcher(va_api.clone(), wc.clone())
+        .default_backoff()
+        .modify(o::drop_managed_fields)
+        .reflect(va_writer)
+        .touched_objects();
+    let volumes_ctl = Controller::for_stream(pv_stream, pv_reader)
         .with_config(workers.clone())
         .watches(va_api.clone(), wc.clone(), |va| {
             va.spec
@@ -452,7 +466,7 @@ pub async fn run(
                 .as_deref()
                 .map(ObjectRef::new)
         });
-    let attachments_ctl = Controller::new(va_api, wc).with_config(workers);
+    let attachments_ctl = Controller::for_stream(va_stream, va_reader).with_config(workers);
     let ctx = Arc::new(Ctx {
         recorder: Recorder::new(client.clone(), "stowage-provisioner", host),
         client,

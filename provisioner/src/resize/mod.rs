@@ -19,7 +19,8 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::storage::v1::StorageClass;
 use kube::api::PostParams;
 use kube::runtime::controller::{Action, Config as ControllerConfig, Controller};
-use kube::runtime::watcher;
+use kube::runtime::reflector;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use stowage_csi::v1;
 use tokio::time::Instant;
@@ -304,11 +305,19 @@ pub async fn run(
     host: String,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
-    let ctl = Controller::new(
+    // A claim cache of its own, without managedFields (see objects::drop_managed_fields), so
+    // the duty costs little next to the provisioner's caches.
+    let (reader, writer) = reflector::store::<PersistentVolumeClaim>();
+    let stream = watcher(
         Api::<PersistentVolumeClaim>::all(client.clone()),
         watcher::Config::default(),
     )
-    .with_config(ControllerConfig::default().concurrency(settings.workers));
+    .default_backoff()
+    .modify(o::drop_managed_fields)
+    .reflect(writer)
+    .touched_objects();
+    let ctl = Controller::for_stream(stream, reader)
+        .with_config(ControllerConfig::default().concurrency(settings.workers));
     let ctx = Arc::new(Ctx {
         recorder: Recorder::new(client.clone(), "stowage-provisioner", host),
         client,
