@@ -22,6 +22,11 @@ use stowage_csi::v1;
 use stowage_tests::provisioner::{World, node_json, serial, tail, wait_for, with_world};
 use stowage_tests::{Plugin, controller_clients};
 
+// The Ceph cluster of tests/infra/ceph.sh (STOWAGE_CEPH_ENV) and RBD plugin configs, shared with
+// the RBD suite's tests.
+#[path = "rbd_common.rs"]
+mod rbd_common;
+
 const T: Duration = Duration::from_secs(60);
 const GI: i64 = 1 << 30;
 
@@ -798,4 +803,147 @@ async fn killed_mid_attach_leaves_one_attachment() -> Result<()> {
         r
     })
     .await
+}
+
+/// The real RBD driver, which needs ControllerPublish (attachRequired): attach records the node
+/// on the image in Ceph and fences the RWO image from a second node; detach lifts it; a resize
+/// grows the image and leaves the filesystem to the node. Runs when STOWAGE_CEPH_ENV names a
+/// tests/infra/ceph.sh cluster.
+#[tokio::test]
+async fn rbd_attach_fences_and_resizes() -> Result<()> {
+    let _g = serial().await;
+    let Some(env) = rbd_common::cluster() else {
+        return Ok(());
+    };
+    with_world("attach_rbd", false, async |w: &mut World| {
+        let driver = "rbd.stowage.io";
+        let ns = w.ns.clone();
+        let fin = format!("external-attacher/{driver}");
+        // The world's local controller makes way for an RBD one on the same socket; node IDs
+        // are not registered (no stowage-node here), so the driver takes any.
+        w.ctl.kill();
+        let cfg = rbd_common::config(
+            &env,
+            w.dir.path(),
+            "rbd",
+            "    requireNodeRegistration: false\n",
+        );
+        let _ = std::fs::remove_file(w.dir.path().join("controller.sock"));
+        w.ctl = Plugin::controller(w.dir.path(), &cfg)?;
+        w.ctl.ready().await?;
+        w.start_provisioner(&[])?;
+        let mut nodes = Vec::new();
+        let r = async {
+            let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+                "metadata": {"name": "ceph", "namespace": ns},
+                "stringData": {"userID": "admin", "userKey": env["CEPH_ADMIN_KEY"]},
+            }))?;
+            Api::<k8s_openapi::api::core::v1::Secret>::namespaced(w.client.clone(), &ns)
+                .create(&PostParams::default(), &secret)
+                .await?;
+            let mut params = serde_json::Map::new();
+            for kind in [
+                "provisioner",
+                "controller-publish",
+                "controller-expand",
+                "node-stage",
+            ] {
+                params.insert(
+                    format!("csi.storage.k8s.io/{kind}-secret-name"),
+                    json!("ceph"),
+                );
+                params.insert(
+                    format!("csi.storage.k8s.io/{kind}-secret-namespace"),
+                    json!(ns),
+                );
+            }
+            params.insert("csi.storage.k8s.io/fstype".into(), json!("ext4"));
+            let class = w
+                .create_class(
+                    "rbd",
+                    json!({"provisioner": driver, "allowVolumeExpansion": true,
+                           "reclaimPolicy": "Delete", "parameters": params}),
+                )
+                .await?;
+            nodes.push(fake_node(w, &format!("{ns}-a"), Some(driver), false, false).await?);
+            nodes.push(fake_node(w, &format!("{ns}-b"), Some(driver), false, false).await?);
+            w.create_claim("data", Some(&class), "1Gi", &["ReadWriteOnce"], json!({}))
+                .await?;
+            let pv = w.wait_bound("data", Duration::from_secs(120)).await?;
+            let pvn = pv_name(&pv);
+            let vid = handle(&pv);
+            ensure!(
+                pv.spec
+                    .as_ref()
+                    .and_then(|s| s.csi.as_ref())
+                    .map(|c| c.driver.as_str())
+                    == Some(driver)
+            );
+            let vas: Api<VolumeAttachment> = Api::all(w.client.clone());
+            for n in ["a", "b"] {
+                let va: VolumeAttachment = serde_json::from_value(va_json(
+                    &format!("{ns}-va-{n}"),
+                    driver,
+                    &format!("{ns}-{n}"),
+                    &pvn,
+                ))?;
+                vas.create(&PostParams::default(), &va).await?;
+                if n == "a" {
+                    wait_va(w, &va_name(&ns, "a"), "attached", attached).await?;
+                }
+            }
+            let a = vas.get(&va_name(&ns, "a")).await?;
+            ensure!(a.metadata.finalizers.iter().flatten().any(|f| *f == fin));
+            ensure!(backend_volume(w, &vid).await?.1 == vec![format!("{ns}-a")]);
+            let b = wait_va(w, &va_name(&ns, "b"), "attachError", |v| {
+                attach_error(v).is_some()
+            })
+            .await?;
+            let msg = attach_error(&b).unwrap_or_default();
+            ensure!(
+                msg.contains("FailedPrecondition") && msg.contains("single-node"),
+                "{msg}"
+            );
+            // Detach a: the image is free for b, whose retry attaches it.
+            vas.delete(&va_name(&ns, "a"), &DeleteParams::default())
+                .await?;
+            wait_va_gone(w, &va_name(&ns, "a")).await?;
+            wait_va(w, &va_name(&ns, "b"), "attached after a detached", attached).await?;
+            ensure!(backend_volume(w, &vid).await?.1 == vec![format!("{ns}-b")]);
+
+            // Resize: the image grows, the PV follows, the filesystem is the node's job.
+            set_request(w, "data", "2Gi").await?;
+            let pvcs = w.pvcs();
+            let c = wait_for("the claim to wait for the node", T, || async {
+                let c = pvcs.get("data").await?;
+                Ok((resize_status(&c).as_deref() == Some("NodeResizePending")).then_some(c))
+            })
+            .await
+            .with_context(|| tail(&w.prov_log(), 40))?;
+            ensure!(
+                condition(&c, "FileSystemResizePending").is_some(),
+                "{:?}",
+                c.status
+            );
+            ensure!(backend_volume(w, &vid).await?.0 == 2 * GI);
+            let p = w.pvs().get(&pvn).await?;
+            ensure!(storage_of(p.spec.as_ref().and_then(|s| s.capacity.as_ref())) == "2Gi");
+
+            vas.delete(&va_name(&ns, "b"), &DeleteParams::default())
+                .await?;
+            wait_va_gone(w, &va_name(&ns, "b")).await?;
+            ensure!(backend_volume(w, &vid).await?.1.is_empty());
+            w.pvcs().delete("data", &DeleteParams::default()).await?;
+            w.wait_pv_gone(&pvn, Duration::from_secs(120)).await?;
+            Ok(())
+        }
+        .await;
+        attach_cleanup(w, &ns, &nodes).await;
+        r
+    })
+    .await
+}
+
+fn va_name(ns: &str, n: &str) -> String {
+    format!("{ns}-va-{n}")
 }
