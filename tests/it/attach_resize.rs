@@ -894,7 +894,7 @@ async fn rbd_attach_fences_and_resizes() -> Result<()> {
             }
             let a = vas.get(&va_name(&ns, "a")).await?;
             ensure!(a.metadata.finalizers.iter().flatten().any(|f| *f == fin));
-            ensure!(backend_volume(w, &vid).await?.1 == vec![format!("{ns}-a")]);
+            ensure!(rbd_image(&env, &vid)?.1 == vec![format!("{ns}-a")]);
             let b = wait_va(w, &va_name(&ns, "b"), "attachError", |v| {
                 attach_error(v).is_some()
             })
@@ -909,7 +909,7 @@ async fn rbd_attach_fences_and_resizes() -> Result<()> {
                 .await?;
             wait_va_gone(w, &va_name(&ns, "a")).await?;
             wait_va(w, &va_name(&ns, "b"), "attached after a detached", attached).await?;
-            ensure!(backend_volume(w, &vid).await?.1 == vec![format!("{ns}-b")]);
+            ensure!(rbd_image(&env, &vid)?.1 == vec![format!("{ns}-b")]);
 
             // Resize: the image grows, the PV follows, the filesystem is the node's job.
             set_request(w, "data", "2Gi").await?;
@@ -925,14 +925,14 @@ async fn rbd_attach_fences_and_resizes() -> Result<()> {
                 "{:?}",
                 c.status
             );
-            ensure!(backend_volume(w, &vid).await?.0 == 2 * GI);
+            ensure!(rbd_image(&env, &vid)?.0 == 2 * GI);
             let p = w.pvs().get(&pvn).await?;
             ensure!(storage_of(p.spec.as_ref().and_then(|s| s.capacity.as_ref())) == "2Gi");
 
             vas.delete(&va_name(&ns, "b"), &DeleteParams::default())
                 .await?;
             wait_va_gone(w, &va_name(&ns, "b")).await?;
-            ensure!(backend_volume(w, &vid).await?.1.is_empty());
+            ensure!(rbd_image(&env, &vid)?.1.is_empty());
             w.pvcs().delete("data", &DeleteParams::default()).await?;
             w.wait_pv_gone(&pvn, Duration::from_secs(120)).await?;
             Ok(())
@@ -942,6 +942,42 @@ async fn rbd_attach_fences_and_resizes() -> Result<()> {
         r
     })
     .await
+}
+
+/// What Ceph itself says of an RBD volume (`<instance>/<pool>/<image>` handle): its size and
+/// the nodes recorded as published in the image's metadata.
+fn rbd_image(
+    env: &std::collections::HashMap<String, String>,
+    volume_id: &str,
+) -> Result<(i64, Vec<String>)> {
+    let mut parts = volume_id.rsplitn(3, '/');
+    let image = parts.next().unwrap_or_default();
+    let pool = parts.next().unwrap_or("rbd");
+    let rbd = |args: &[&str]| -> Result<String> {
+        let out = std::process::Command::new("rbd")
+            .args(["-c", &env["CEPH_CONF"], "-p", pool])
+            .args(args)
+            .output()
+            .context("running rbd")?;
+        ensure!(
+            out.status.success(),
+            "rbd {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let info: serde_json::Value =
+        serde_json::from_str(&rbd(&["info", "--format", "json", image])?)?;
+    let size = info["size"].as_i64().unwrap_or(0);
+    let mut nodes: Vec<String> = rbd(&["image-meta", "list", image])?
+        .lines()
+        .filter(|l| l.starts_with("stowage.attach."))
+        .filter_map(|l| l.split_once('{').map(|(_, v)| format!("{{{}", v.trim())))
+        .filter_map(|v| serde_json::from_str::<serde_json::Value>(&v).ok())
+        .filter_map(|v| v["node"].as_str().map(str::to_owned))
+        .collect();
+    nodes.sort();
+    Ok((size, nodes))
 }
 
 fn va_name(ns: &str, n: &str) -> String {
