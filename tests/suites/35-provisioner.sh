@@ -4,7 +4,8 @@
 # stowage-controller on the local backend, in both binder modes: a cluster whose KCM binds
 # (--binder=kcm) and one started with --no-pv-binder (--binder=builtin); in each, once on the
 # local backend and once on NFS against nfs-ganesha (tests/infra/ganesha.sh), then the attach and
-# resize duties on the local backend (tests/it/attach_resize.rs). The provisioner
+# resize duties on the local backend and on RBD against a throw-away Ceph (tests/infra/ceph.sh;
+# tests/it/attach_resize.rs). The provisioner
 # runs with the ServiceAccount of provisioner/deploy/rbac.yaml. Prints one line: N passed,
 # N failed.
 #
@@ -19,6 +20,7 @@ work=$(mktemp -d /tmp/stowage-provisioner-suite.XXXXXX)
 cleanup() {
   for m in kcm builtin; do "$kube" stop --state "$work/$m" >/dev/null 2>&1; done
   "$root/tests/infra/ganesha.sh" stop --state "$work/ganesha" >/dev/null 2>&1
+  "$root/tests/infra/ceph.sh" stop --state "$work/ceph" --purge >/dev/null 2>&1
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -45,6 +47,16 @@ fi
 
 passed=0; failed=0
 out="$work/out"
+
+# RBD, the driver that needs attaching (ControllerPublish fences an image to one node): a
+# throw-away Ceph (tests/infra/ceph.sh) for the attach and resize tests. If it does not start,
+# that counts as a failure and the RBD test says it did not run.
+if "$root/tests/infra/ceph.sh" start --state "$work/ceph" >"$work/ceph.log" 2>&1; then
+  export STOWAGE_CEPH_ENV="$work/ceph/env" STOWAGE_REQUIRE_RBD=1
+else
+  tail -n 20 "$work/ceph.log"; echo "ceph did not start: the RBD attach test cannot run"
+  failed=$((failed + 1))
+fi
 for mode in kcm builtin; do
   args=(start --state "$work/$mode")
   [ "$mode" = builtin ] && args+=(--no-pv-binder)
@@ -70,10 +82,10 @@ for mode in kcm builtin; do
     ) | tee "$out"
     tally_cargo "$out" "${PIPESTATUS[0]}"
   done
-  # Attach and resize duties (tests/it/attach_resize.rs), on the local backend: it advertises
-  # PUBLISH_UNPUBLISH_VOLUME and EXPAND_VOLUME, and the tests restart its controller with a
-  # size limit and register node IDs through stowage-node.
-  echo "-- attach and resize, backend local"
+  # Attach and resize duties (tests/it/attach_resize.rs), on the local backend (it advertises
+  # PUBLISH_UNPUBLISH_VOLUME and EXPAND_VOLUME; the tests restart its controller with a size
+  # limit and register node IDs through stowage-node) and on RBD against the Ceph above.
+  echo "-- attach and resize, backends local and rbd"
   (
     set -a
     # shellcheck disable=SC1091
