@@ -86,6 +86,7 @@ pub async fn run(
         }
     };
     let mut tasks = Vec::new();
+    let mut names = Vec::new();
     for d in duties {
         tracing::info!(controller = d.as_str(), driver = %driver.name, "starting controller");
         let (c, dr, s, m, h) = (
@@ -101,8 +102,31 @@ pub async fn run(
             Duty::Resize => Box::pin(crate::resize::run(c, dr, s, m, h, stop())),
         };
         tasks.push(tokio::spawn(fut));
+        names.push(d.as_str());
     }
-    shutdown.await;
+    if tasks.is_empty() {
+        shutdown.await;
+        return;
+    }
+    // A duty that ends by itself (a watch that cannot go on) ends the process, as the
+    // provisioner alone did, so that it is restarted whole instead of running with a duty
+    // missing.
+    tokio::pin!(shutdown);
+    let finished = {
+        let any = futures::future::select_all(tasks.iter_mut());
+        tokio::select! {
+            _ = &mut shutdown => None,
+            (_, i, _) = any => Some(i),
+        }
+    };
+    if let Some(i) = finished {
+        tracing::error!(
+            controller = names[i],
+            "controller stopped by itself; stopping the others"
+        );
+        names.remove(i);
+        tasks.remove(i);
+    }
     let _ = tx.send(true);
     for t in tasks {
         let _ = t.await;
