@@ -1009,18 +1009,21 @@ pub async fn run(
     let f = filled.clone();
     let claim_stream = watcher(pvc_all, wc.clone())
         .default_backoff()
+        .modify(o::drop_managed_fields)
         .reflect(claim_writer)
         .inspect_ok(move |e| f.seen(e, 1))
         .touched_objects();
     let f = filled.clone();
     let volume_stream = watcher(pv_all, wc.clone())
         .default_backoff()
+        .modify(o::drop_managed_fields)
         .reflect(volume_writer)
         .inspect_ok(move |e| f.seen(e, 2))
         .touched_objects();
     let f = filled.clone();
     let classes = watcher(Api::<StorageClass>::all(client.clone()), wc)
         .default_backoff()
+        .modify(o::drop_managed_fields)
         .reflect(class_writer)
         .inspect_ok(move |e| f.seen(e, 4))
         .for_each(|r| async move {

@@ -176,6 +176,9 @@ impl Driver {
             single_node_multi_writer: rpcs.contains(&(Rpc::SingleNodeMultiWriter as i32)),
             topology,
             clone: rpcs.contains(&(Rpc::CloneVolume as i32)),
+            publish_unpublish: rpcs.contains(&(Rpc::PublishUnpublishVolume as i32)),
+            publish_readonly: rpcs.contains(&(Rpc::PublishReadonly as i32)),
+            expand: rpcs.contains(&(Rpc::ExpandVolume as i32)),
         };
         Ok(())
     }
@@ -237,6 +240,53 @@ impl Driver {
         )
         .await
         .map(|_| ())
+    }
+
+    /// Makes the volume usable on a node; returns the publish context (VolumeAttachment's
+    /// attachmentMetadata).
+    pub async fn controller_publish(
+        &self,
+        request: v1::ControllerPublishVolumeRequest,
+    ) -> Result<BTreeMap<String, String>, DriverError> {
+        let mut ctl = ControllerClient::new(self.channel.clone());
+        let r = self
+            .call(
+                "ControllerPublishVolume",
+                ctl.controller_publish_volume(req(request, self.timeout)),
+            )
+            .await?;
+        Ok(r.publish_context.into_iter().collect())
+    }
+
+    pub async fn controller_unpublish(
+        &self,
+        request: v1::ControllerUnpublishVolumeRequest,
+    ) -> Result<(), DriverError> {
+        let mut ctl = ControllerClient::new(self.channel.clone());
+        self.call(
+            "ControllerUnpublishVolume",
+            ctl.controller_unpublish_volume(req(request, self.timeout)),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Grows the volume; returns the new size and whether the node must grow the filesystem.
+    pub async fn controller_expand(
+        &self,
+        request: v1::ControllerExpandVolumeRequest,
+    ) -> Result<(u64, bool), DriverError> {
+        let mut ctl = ControllerClient::new(self.channel.clone());
+        let r = self
+            .call(
+                "ControllerExpandVolume",
+                ctl.controller_expand_volume(req(request, self.timeout)),
+            )
+            .await?;
+        Ok((
+            u64::try_from(r.capacity_bytes).unwrap_or(0),
+            r.node_expansion_required,
+        ))
     }
 
     /// Every volume the driver lists, all pages.

@@ -7,15 +7,21 @@
 //! * [`binder`]: binding, phases and reclaim as pure functions, tested on their own.
 //! * [`plan`]: what a claim's CreateVolume and PV look like, also pure.
 //! * [`controller`]: the thin kube-runtime controllers that execute those decisions.
+//! * [`attach`]: external-attacher's duty (VolumeAttachments → ControllerPublish/Unpublish).
+//! * [`resize`]: external-resizer's duty (claims that grew → ControllerExpandVolume).
+//! * [`duties`]: which of those run, side by side in one process.
 //! * [`import`]: PVs for volumes that have none.
 
+pub mod attach;
 pub mod binder;
 pub mod client;
 pub mod controller;
 pub mod driver;
+pub mod duties;
 pub mod events;
 pub mod import;
 pub mod metrics;
 pub mod objects;
 pub mod plan;
 pub mod quantity;
+pub mod resize;

@@ -17,13 +17,14 @@ use stowage_provisioner::binder::BinderMode;
 use stowage_provisioner::client::Rate;
 use stowage_provisioner::controller::Settings;
 use stowage_provisioner::driver::Driver;
+use stowage_provisioner::duties::{self, Duty};
 use stowage_provisioner::import::{self, ImportOptions};
 use stowage_provisioner::metrics::Metrics;
 
 #[derive(Parser, Debug)]
 #[command(
     version,
-    about = "Stowage Kubernetes provisioner: provisions, binds and reclaims (Delete, Retain, Recycle) volumes of a Stowage CSI driver"
+    about = "Stowage Kubernetes provisioner: provisions, binds and reclaims (Delete, Retain, Recycle), attaches and resizes volumes of a Stowage CSI driver"
 )]
 struct Cli {
     #[command(flatten)]
@@ -82,6 +83,11 @@ enum Binder {
 struct RunArgs {
     #[arg(long, value_enum, default_value = "kcm")]
     binder: Binder,
+    /// Duties to run, comma-separated: provision, attach (VolumeAttachments), resize (claim
+    /// expansion). Attach and resize start only when the driver advertises
+    /// PUBLISH_UNPUBLISH_VOLUME and EXPAND_VOLUME.
+    #[arg(long, value_delimiter = ',', default_value = "provision,attach,resize")]
+    controllers: Vec<Duty>,
     /// Concurrent syncs per controller (claims, volumes).
     #[arg(long, default_value_t = 32)]
     workers: u16,
@@ -256,15 +262,28 @@ async fn run(
         max_backoff: args.retry_max_delay,
     };
     let id = identity(args.identity);
+    let (duties, skipped) = duties::select(&args.controllers, driver.caps);
+    for (d, why) in skipped {
+        tracing::info!(
+            controller = d.as_str(),
+            reason = why,
+            "controller not started"
+        );
+    }
+    anyhow::ensure!(
+        !duties.is_empty(),
+        "--controllers: nothing to run for this driver"
+    );
 
     if !args.leader_elect {
         metrics.leader.set(1);
-        stowage_provisioner::controller::run(
+        duties::run(
             client,
             driver,
             settings,
             metrics,
             id,
+            duties,
             shutdown_signal(),
         )
         .await;
@@ -319,12 +338,13 @@ async fn run(
         drop(leader);
         lost
     };
-    let controllers = stowage_provisioner::controller::run(
+    let controllers = duties::run(
         client,
         driver,
         settings,
         metrics.clone(),
         id,
+        duties,
         async move {
             let _ = stop_rx.await;
         },
@@ -367,6 +387,13 @@ mod tests {
                 .unwrap();
             assert!(matches!(c.run.binder, Binder::Builtin));
             assert!(!c.run.leader_elect);
+            assert_eq!(
+                c.run.controllers,
+                [Duty::Provision, Duty::Attach, Duty::Resize]
+            );
+            let c = Cli::try_parse_from(["p", "--controllers", "attach,resize"]).unwrap();
+            assert_eq!(c.run.controllers, [Duty::Attach, Duty::Resize]);
+            assert!(Cli::try_parse_from(["p", "--controllers", "snapshot"]).is_err());
             let c = Cli::try_parse_from(["p", "import", "--all", "--reclaim-policy", "Delete"])
                 .unwrap();
             assert!(matches!(

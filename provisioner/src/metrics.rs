@@ -19,7 +19,7 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OpLabels {
-    /// provision | delete | recycle | bind
+    /// provision | delete | recycle | bind | attach | detach | expand
     pub operation: &'static str,
     /// success | failure
     pub result: &'static str,
@@ -49,7 +49,7 @@ impl Metrics {
         let operations = Family::<OpLabels, Counter>::default();
         registry.register(
             "operations",
-            "Provisioner operations (provision, delete, recycle, bind) by result",
+            "Provisioner operations (provision, delete, recycle, bind, attach, detach, expand) by result",
             operations.clone(),
         );
         let durations = Family::<DurationLabels, Histogram>::new_with_constructor(|| {

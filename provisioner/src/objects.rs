@@ -100,6 +100,13 @@ impl ClaimPhase {
     }
 }
 
+/// Forgets an object's managedFields before it goes into a watch cache: nothing here reads
+/// them, and they are often the bulk of a cached object. Writes of such a copy leave the
+/// server's managedFields as they are (an absent field is not a reset).
+pub fn drop_managed_fields<K: kube::Resource>(obj: &mut K) {
+    obj.meta_mut().managed_fields = None;
+}
+
 pub fn annotation<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
     meta.annotations.as_ref()?.get(key).map(String::as_str)
 }

@@ -44,6 +44,12 @@ pub struct DriverCaps {
     pub topology: bool,
     /// CLONE_VOLUME.
     pub clone: bool,
+    /// PUBLISH_UNPUBLISH_VOLUME: volumes are attached to nodes (the attach controller runs).
+    pub publish_unpublish: bool,
+    /// PUBLISH_READONLY: ControllerPublish honours readonly.
+    pub publish_readonly: bool,
+    /// EXPAND_VOLUME: ControllerExpandVolume (the resize controller runs).
+    pub expand: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

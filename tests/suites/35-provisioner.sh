@@ -3,7 +3,9 @@
 # kube-controller-manager, kube-scheduler built by tests/infra/kube.sh), the real
 # stowage-controller on the local backend, in both binder modes: a cluster whose KCM binds
 # (--binder=kcm) and one started with --no-pv-binder (--binder=builtin); in each, once on the
-# local backend and once on NFS against nfs-ganesha (tests/infra/ganesha.sh). The provisioner
+# local backend and once on NFS against nfs-ganesha (tests/infra/ganesha.sh), then the attach and
+# resize duties on the local backend and on RBD against a throw-away Ceph (tests/infra/ceph.sh;
+# tests/it/attach_resize.rs). The provisioner
 # runs with the ServiceAccount of provisioner/deploy/rbac.yaml. Prints one line: N passed,
 # N failed.
 #
@@ -18,6 +20,7 @@ work=$(mktemp -d /tmp/stowage-provisioner-suite.XXXXXX)
 cleanup() {
   for m in kcm builtin; do "$kube" stop --state "$work/$m" >/dev/null 2>&1; done
   "$root/tests/infra/ganesha.sh" stop --state "$work/ganesha" >/dev/null 2>&1
+  "$root/tests/infra/ceph.sh" stop --state "$work/ceph" --purge >/dev/null 2>&1
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -32,7 +35,7 @@ fi
 # checkout) replaces the files in target/debug while we run, the links keep ours.
 bin=${STOWAGE_BIN_DIR:-${CARGO_TARGET_DIR:?}/debug}
 mkdir -p "$work/bin"
-for b in stowage-controller stowage-provisioner; do
+for b in stowage-controller stowage-node stowage-provisioner; do
   ln "$bin/$b" "$work/bin/$b" 2>/dev/null || cp "$bin/$b" "$work/bin/$b" || {
     echo "$bin/$b missing: build the workspace first"; echo "0 passed, 1 failed"; exit 1; }
 done
@@ -44,6 +47,16 @@ fi
 
 passed=0; failed=0
 out="$work/out"
+
+# RBD, the driver that needs attaching (ControllerPublish fences an image to one node): a
+# throw-away Ceph (tests/infra/ceph.sh) for the attach and resize tests. If it does not start,
+# that counts as a failure and the RBD test says it did not run.
+if "$root/tests/infra/ceph.sh" start --state "$work/ceph" >"$work/ceph.log" 2>&1; then
+  export STOWAGE_CEPH_ENV="$work/ceph/env" STOWAGE_REQUIRE_RBD=1
+else
+  tail -n 20 "$work/ceph.log"; echo "ceph did not start: the RBD attach test cannot run"
+  failed=$((failed + 1))
+fi
 for mode in kcm builtin; do
   args=(start --state "$work/$mode")
   [ "$mode" = builtin ] && args+=(--no-pv-binder)
@@ -69,6 +82,18 @@ for mode in kcm builtin; do
     ) | tee "$out"
     tally_cargo "$out" "${PIPESTATUS[0]}"
   done
+  # Attach and resize duties (tests/it/attach_resize.rs), on the local backend (it advertises
+  # PUBLISH_UNPUBLISH_VOLUME and EXPAND_VOLUME; the tests restart its controller with a size
+  # limit and register node IDs through stowage-node) and on RBD against the Ceph above.
+  echo "-- attach and resize, backends local and rbd"
+  (
+    set -a
+    # shellcheck disable=SC1091
+    . "$work/$mode/env"
+    set +a
+    cargo test -p stowage-tests --locked --test attach_resize -- --test-threads=1 2>&1
+  ) | tee "$out"
+  tally_cargo "$out" "${PIPESTATUS[0]}"
   "$kube" stop --state "$work/$mode" >/dev/null 2>&1
 done
 echo "$passed passed, $failed failed"

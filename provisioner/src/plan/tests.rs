@@ -74,6 +74,9 @@ const ALL: DriverCaps = DriverCaps {
     single_node_multi_writer: true,
     topology: true,
     clone: true,
+    publish_unpublish: true,
+    publish_readonly: true,
+    expand: true,
 };
 
 fn modes_of(p: &Plan) -> Vec<Mode> {
