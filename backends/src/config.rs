@@ -86,6 +86,10 @@ pub struct LocalInstance {
     /// Largest volume handed out, in bytes (0 or absent = no limit).
     #[serde(default)]
     pub max_volume_bytes: u64,
+    /// How directory volumes' sizes are enforced: `auto` (default: project quotas when the
+    /// base directory's filesystem has them on, else recorded only), `quota`, `image` (an
+    /// ext4 image per volume on a loop device), `off`. See `local::capacity`.
+    pub capacity: Option<String>,
 }
 
 macro_rules! dir_settings {
