@@ -252,8 +252,8 @@ impl Config {
             Config::Local(_) | Config::Nfs(_) => true,
             // Subdir mode only: copies through the management mount.
             Config::Glusterfs(c) => c.subdir_mode(),
-            // S3 has no snapshots.
-            Config::S3(_) => false,
+            // Server-side copies of the bucket or prefix.
+            Config::S3(_) => true,
             // RBD snapshots.
             Config::Rbd(_) => true,
         }
