@@ -266,17 +266,100 @@ pub async fn grow_image(img: &Path, bytes: u64) -> Result<bool> {
     Ok(true)
 }
 
-/// Grows the ext4 filesystem on `dev` to the device's size (online when mounted; a no-op when
-/// it already fills it).
-pub async fn resize_fs(dev: &Path) -> Result<()> {
-    command::run("resize2fs", &[mount::path_str(dev)?], MKFS_TIMEOUT)
+/// Grows the mounted ext4 filesystem on `dev` to the device's size (online resize). The
+/// kernel allows that only with CAP_SYS_RESOURCE; without it the error says so, and the next
+/// stage grows the filesystem offline (`grow_offline`).
+pub async fn resize_online(dev: &Path) -> Result<()> {
+    match command::run("resize2fs", &[mount::path_str(dev)?], MKFS_TIMEOUT).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.to_string().contains("Permission denied") => {
+            Err(Error::FailedPrecondition(format!(
+                "growing the filesystem online was refused ({e}): the node plugin needs CAP_SYS_RESOURCE; it grows at the next stage instead"
+            )))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// The size of the ext4 filesystem in an image, from its superblock (at byte 1024):
+/// s_blocks_count_lo (0x04), s_log_block_size (0x18), s_feature_incompat (0x60, bit 0x80 =
+/// 64bit) and s_blocks_count_hi (0x150).
+pub async fn ext4_size(img: &Path) -> Result<u64> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut f = tokio::fs::File::open(img)
         .await
-        .map(|_| ())
+        .map_err(|e| Error::io(format!("opening {}", img.display()), e))?;
+    let mut sb = vec![0u8; 1024];
+    f.seek(std::io::SeekFrom::Start(1024))
+        .await
+        .map_err(|e| Error::io(format!("reading {}", img.display()), e))?;
+    f.read_exact(&mut sb)
+        .await
+        .map_err(|e| Error::io(format!("reading {}", img.display()), e))?;
+    ext4_size_of(&sb).ok_or_else(|| {
+        Error::FailedPrecondition(format!("{} holds no ext4 filesystem", img.display()))
+    })
+}
+
+fn ext4_size_of(sb: &[u8]) -> Option<u64> {
+    let u32_at =
+        |o: usize| -> Option<u32> { Some(u32::from_le_bytes(sb.get(o..o + 4)?.try_into().ok()?)) };
+    let magic = u16::from_le_bytes(sb.get(0x38..0x3a)?.try_into().ok()?);
+    if magic != 0xEF53 {
+        return None;
+    }
+    let mut blocks = u64::from(u32_at(0x04)?);
+    if u32_at(0x60)? & 0x80 != 0 {
+        blocks |= u64::from(u32_at(0x150)?) << 32;
+    }
+    let log = u32_at(0x18)?;
+    (log <= 6).then(|| blocks << (10 + log))
+}
+
+/// Grows the unmounted filesystem on `dev` when the image grew past it (a ControllerExpand
+/// whose online resize could not run, or a restore into a bigger volume): a forced check
+/// first, which resize2fs requires offline.
+pub async fn grow_offline(img: &Path, dev: &Path) -> Result<bool> {
+    let file = tokio::fs::metadata(img)
+        .await
+        .map_err(|e| Error::io(format!("reading {}", img.display()), e))?
+        .len();
+    // Less than a block group short is what mkfs left over: nothing to grow.
+    if ext4_size(img).await? + (1 << 20) > file {
+        return Ok(false);
+    }
+    let d = mount::path_str(dev)?;
+    // e2fsck -p exits 1 when it fixed something: still fine to resize.
+    let out = command::run_status("e2fsck", &["-f", "-p", d], MKFS_TIMEOUT).await?;
+    if out.status > 1 {
+        return Err(Error::Internal(format!(
+            "e2fsck {d} exited with {}: {}",
+            out.status,
+            out.stderr.trim()
+        )));
+    }
+    command::run("resize2fs", &[d], MKFS_TIMEOUT).await?;
+    Ok(true)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn superblock_sizes() {
+        let mut sb = vec![0u8; 1024];
+        sb[0x38..0x3a].copy_from_slice(&0xEF53u16.to_le_bytes());
+        sb[0x04..0x08].copy_from_slice(&16384u32.to_le_bytes());
+        assert_eq!(ext4_size_of(&sb), Some(16 << 20));
+        sb[0x18..0x1c].copy_from_slice(&2u32.to_le_bytes());
+        assert_eq!(ext4_size_of(&sb), Some(64 << 20));
+        sb[0x60] = 0x80;
+        sb[0x150..0x154].copy_from_slice(&1u32.to_le_bytes());
+        assert_eq!(ext4_size_of(&sb), Some(((1u64 << 32) + 16384) << 12));
+        sb[0x38] = 0;
+        assert_eq!(ext4_size_of(&sb), None);
+    }
 
     #[test]
     fn settings_parse() {

@@ -134,9 +134,9 @@ async fn attach_loop(file: &Path) -> Result<PathBuf> {
     Ok(PathBuf::from(out.stdout.trim()))
 }
 
-/// Stages an image-enforced volume: the image on a loop device, its ext4 mounted at the
-/// staging path and grown to the image's size (the controller may have grown the file since,
-/// e.g. a restore into a bigger volume).
+/// Stages an image-enforced volume: the image on a loop device, its ext4 grown to the image's
+/// size if the controller grew the file since (a restore into a bigger volume, an expansion
+/// the node could not apply online), then mounted at the staging path.
 async fn stage_image(img: &Path, req: &StageRequest) -> Result<()> {
     if mount::mounted_at(&req.staging_path).await?.is_some() {
         match mount::probe(&req.staging_path).await {
@@ -146,6 +146,9 @@ async fn stage_image(img: &Path, req: &StageRequest) -> Result<()> {
     }
     let dev = attach_loop(img).await?;
     let res = async {
+        if capacity::grow_offline(img, &dev).await? {
+            tracing::info!(volume_id = %req.volume_id, "filesystem grown to the image's size");
+        }
         mount::mount(
             mount::path_str(&dev)?,
             &req.staging_path,
@@ -153,8 +156,7 @@ async fn stage_image(img: &Path, req: &StageRequest) -> Result<()> {
             req.capability.mount_flags(),
             command::MOUNT_TIMEOUT,
         )
-        .await?;
-        capacity::resize_fs(&dev).await
+        .await
     }
     .await;
     if res.is_err() {
@@ -257,7 +259,7 @@ impl NodeBackend for LocalNode {
                 return Ok(capacity_bytes);
             };
             command::run("losetup", &["-c", mount::path_str(&dev)?], SHORT_TIMEOUT).await?;
-            capacity::resize_fs(&dev).await?;
+            capacity::resize_online(&dev).await?;
             return mount::block_device_size(&dev).await;
         }
         let img = self.volume_dir(volume_id)?.join(BLOCK_IMAGE);
