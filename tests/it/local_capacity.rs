@@ -43,6 +43,33 @@ async fn start(dir: tempfile::TempDir, base: &Path, capacity: &str) -> Env {
     }
 }
 
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Whatever the test did (a failed assertion included), leave no mount or loop device.
+        let base = self.dir.path().to_path_buf();
+        if let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let mut mps: Vec<String> = text
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+                .filter(|m| Path::new(m).starts_with(&base))
+                .collect();
+            mps.sort();
+            for m in mps.iter().rev() {
+                let _ = std::process::Command::new("umount")
+                    .args(["-l", m])
+                    .status();
+            }
+        }
+        if base.exists() {
+            for l in loops_under(&base) {
+                let _ = std::process::Command::new("losetup")
+                    .args(["-d", &format!("/dev/{l}")])
+                    .status();
+            }
+        }
+    }
+}
+
 /// Writes `bytes` to a new file, flushed to disk; the first error, if any.
 fn write_file(path: &Path, bytes: usize) -> std::io::Result<()> {
     let mut f = std::fs::File::create(path)?;

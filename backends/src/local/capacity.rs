@@ -374,7 +374,7 @@ mod tests {
         assert_eq!(a, project_id("default", "pvc-1"));
         assert_ne!(a, project_id("default", "pvc-2"));
         assert_ne!(a, project_id("other", "pvc-1"));
-        assert!(a >= 0x1000_0000 && a < 0x8000_0000, "{a:#x}");
+        assert!((0x1000_0000..0x8000_0000).contains(&a), "{a:#x}");
         assert!(quota_safe(Path::new("/srv/stowage/pvc-1")));
         assert!(!quota_safe(Path::new("/srv/with space/x")));
     }
