@@ -86,6 +86,10 @@ pub struct LocalInstance {
     /// Largest volume handed out, in bytes (0 or absent = no limit).
     #[serde(default)]
     pub max_volume_bytes: u64,
+    /// How directory volumes' sizes are enforced: `auto` (default: project quotas when the
+    /// base directory's filesystem has them on, else recorded only), `quota`, `image` (an
+    /// ext4 image per volume on a loop device), `off`. See `local::capacity`.
+    pub capacity: Option<String>,
 }
 
 macro_rules! dir_settings {
@@ -248,8 +252,8 @@ impl Config {
             Config::Local(_) | Config::Nfs(_) => true,
             // Subdir mode only: copies through the management mount.
             Config::Glusterfs(c) => c.subdir_mode(),
-            // S3 has no snapshots.
-            Config::S3(_) => false,
+            // Server-side copies of the bucket or prefix.
+            Config::S3(_) => true,
             // RBD snapshots.
             Config::Rbd(_) => true,
         }

@@ -40,7 +40,8 @@ secret="{accessKeyID: $S3_ACCESS_KEY, secretAccessKey: $S3_SECRET_KEY}"
 {
   for k in CreateVolumeSecret DeleteVolumeSecret ControllerValidateVolumeCapabilitiesSecret \
            NodeStageVolumeSecret NodePublishVolumeSecret ControllerExpandVolumeSecret \
-           ControllerModifyVolumeSecret; do
+           ControllerModifyVolumeSecret CreateSnapshotSecret DeleteSnapshotSecret \
+           ListSnapshotsSecret GetSnapshotSecret; do
     echo "$k: $secret"
   done
 } > "$work/secrets.yaml"

@@ -11,6 +11,8 @@
 //! a log) the distinct credentials that worked for each instance, and lists and looks up with
 //! those: it reports the volumes reachable with credentials it has been given since it started.
 
+mod snapshot;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
@@ -36,7 +38,8 @@ use crate::error::{Error, Result};
 use crate::locks::KeyLocks;
 use crate::params::{self, OnDelete};
 use crate::types::{
-    AccessType, Capability, CapacityRange, ContentSource, CreateVolume, Page, Secrets, Volume,
+    AccessType, Capability, CapacityRange, ContentSource, CreateVolume, Page, Secrets, Snapshot,
+    SnapshotFilter, Volume,
 };
 use crate::volume_id::VolumeId;
 
@@ -53,6 +56,29 @@ struct Meta {
     on_delete: String,
     mounter: String,
     created: u64,
+    /// What the volume was made from (`snapshot:<id>` or `volume:<id>`), so a repeated
+    /// CreateVolume with another source is a conflict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    source: Option<String>,
+}
+
+/// Bucket tag recording a bucket-mode volume's content source.
+const TAG_SOURCE: &str = "stowage.io/source";
+
+fn source_str(s: &ContentSource) -> String {
+    match s {
+        ContentSource::Snapshot(id) => format!("snapshot:{id}"),
+        ContentSource::Volume(id) => format!("volume:{id}"),
+    }
+}
+
+fn source_of(s: &str) -> Option<ContentSource> {
+    if let Some(id) = s.strip_prefix("snapshot:") {
+        Some(ContentSource::Snapshot(id.to_owned()))
+    } else {
+        s.strip_prefix("volume:")
+            .map(|id| ContentSource::Volume(id.to_owned()))
+    }
 }
 
 impl Meta {
@@ -61,13 +87,17 @@ impl Meta {
     }
 
     fn to_tags(&self) -> Vec<(String, String)> {
-        vec![
+        let mut tags = vec![
             (TAG_VOLUME.into(), self.name_hash.clone()),
             (TAG_CAPACITY.into(), self.capacity.to_string()),
             (TAG_ON_DELETE.into(), self.on_delete.clone()),
             (TAG_MOUNTER.into(), self.mounter.clone()),
             (TAG_CREATED.into(), self.created.to_string()),
-        ]
+        ];
+        if let Some(src) = &self.source {
+            tags.push((TAG_SOURCE.into(), src.clone()));
+        }
+        tags
     }
 
     fn from_tags(tags: &[(String, String)]) -> Option<Meta> {
@@ -81,6 +111,7 @@ impl Meta {
             on_delete: get(TAG_ON_DELETE).unwrap_or_else(|| "delete".into()),
             mounter: get(TAG_MOUNTER).unwrap_or_else(|| "s3fs".into()),
             created: get(TAG_CREATED).and_then(|c| c.parse().ok()).unwrap_or(0),
+            source: get(TAG_SOURCE),
         })
     }
 }
@@ -460,7 +491,7 @@ impl S3Controller {
             id: id.to_string(),
             capacity_bytes: meta.capacity,
             context: inst.context(loc, meta),
-            source: None,
+            source: meta.source.as_deref().and_then(source_of),
             topology: Vec::new(),
         }
     }
@@ -646,8 +677,8 @@ impl ControllerBackend for S3Controller {
 
     fn features(&self) -> ControllerFeatures {
         ControllerFeatures {
-            snapshots: false,
-            // Server-side copies of every object.
+            // Both are server-side copies of every object (snapshot.rs).
+            snapshots: true,
             clone: true,
             // Only the record changes: S3 has no quota to grow.
             expand: true,
@@ -682,14 +713,7 @@ impl ControllerBackend for S3Controller {
         self.check_capabilities(&req.capabilities)?;
         params::check_mutable(&req.mutable_parameters)?;
         let inst = self.choose_instance(&req.parameters)?;
-        let source = match &req.source {
-            None => None,
-            Some(ContentSource::Snapshot(_)) => {
-                return Err(Error::invalid(
-                    "volume_content_source",
-                    "S3 has no snapshots to restore from",
-                ));
-            }
+        let source_volume = match &req.source {
             Some(ContentSource::Volume(src)) => {
                 let v = self
                     .vol("volume_content_source.volume.volume_id", src)
@@ -701,8 +725,9 @@ impl ControllerBackend for S3Controller {
                         "the source volume is on another backend instance",
                     ));
                 }
-                Some((src.clone(), v.loc))
+                Some(v.loc)
             }
+            _ => None,
         };
         let capacity = req.capacity.choose(DEFAULT_CAPACITY);
         if inst.max_volume_bytes > 0 && capacity > inst.max_volume_bytes {
@@ -719,22 +744,49 @@ impl ControllerBackend for S3Controller {
         let (c, creds) = self.client_for(inst, "provisioner secret", &req.secrets)?;
         let _g = self.locks.lock(&id.to_string()).await;
         let name_hash = hash_hex(&req.name, 32);
-        if let Some((src, sloc)) = &source {
-            let smeta = Self::read_meta(inst, &c, sloc)
-                .await?
-                .ok_or_else(|| Error::not_found("source volume", src))?;
-            if capacity < smeta.capacity {
-                return Err(Error::OutOfRange(format!(
-                    "capacity_range: {capacity} bytes is smaller than the source volume's {}",
-                    smeta.capacity
-                )));
+        // The objects to copy in: (bucket, key prefix) of the source volume or snapshot.
+        let copy_from: Option<(String, String)> = match (&req.source, source_volume) {
+            (None, _) => None,
+            (Some(ContentSource::Volume(src)), Some(sloc)) => {
+                let smeta = Self::read_meta(inst, &c, &sloc)
+                    .await?
+                    .ok_or_else(|| Error::not_found("source volume", src))?;
+                if capacity < smeta.capacity {
+                    return Err(Error::OutOfRange(format!(
+                        "capacity_range: {capacity} bytes is smaller than the source volume's {}",
+                        smeta.capacity
+                    )));
+                }
+                let kp = sloc.key_prefix();
+                Some((sloc.bucket, kp))
             }
-        }
+            (Some(ContentSource::Snapshot(sid)), _) => {
+                let (sloc, smeta) = self.restore_source(inst, &c, sid).await?;
+                if capacity < smeta.size {
+                    return Err(Error::OutOfRange(format!(
+                        "capacity_range: {capacity} bytes is smaller than the snapshot's {}",
+                        smeta.size
+                    )));
+                }
+                let dp = sloc.data_prefix();
+                Some((sloc.bucket, dp))
+            }
+            (Some(ContentSource::Volume(src)), None) => {
+                return Err(Error::not_found("source volume", src));
+            }
+        };
+        let source = req.source.as_ref().map(source_str);
         if let Some(m) = Self::read_meta(inst, &c, &loc).await? {
             inst.remember(&creds);
             if m.name_hash != name_hash {
                 return Err(Error::AlreadyExists(format!(
                     "{loc} already holds the volume of another CreateVolume name"
+                )));
+            }
+            if m.source != source {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {:?} exists with another content source",
+                    req.name
                 )));
             }
             if !req.capacity.admits(m.capacity) {
@@ -751,6 +803,7 @@ impl ControllerBackend for S3Controller {
             on_delete: on_delete_str(on_delete).into(),
             mounter: p.mounter.unwrap_or(inst.mounter).as_str().into(),
             created: now_secs(),
+            source,
         };
         match &loc.prefix {
             None => {
@@ -785,25 +838,23 @@ impl ControllerBackend for S3Controller {
                     })?;
             }
         }
-        if let Some((src, sloc)) = &source {
-            // Before the record: a clone cut short is finished (copied again) by the retry.
-            let sp = sloc.key_prefix();
+        if let Some((sbucket, sprefix)) = &copy_from {
+            // Before the record: a clone or restore cut short is finished (copied again) by
+            // the retry. Server-side copies: no data passes through the controller.
             let n = Target {
                 client: &c,
                 ep: &inst.ep,
-                bucket: &sloc.bucket,
-                prefix: &sp,
+                bucket: sbucket,
+                prefix: sprefix,
             }
             .copy_all(&loc.bucket, &loc.key_prefix())
             .await?;
-            tracing::info!(volume_id = %id, source = %src, objects = n, "cloned");
+            tracing::info!(volume_id = %id, source = ?req.source, objects = n, "volume filled from its source");
         }
         Self::write_meta(inst, &c, &loc, &meta).await?;
         inst.remember(&creds);
         tracing::info!(volume_id = %id, location = %loc, capacity, "S3 volume created");
-        let mut vol = Self::to_volume(inst, &id, &loc, &meta);
-        vol.source = source.map(|(s, _)| ContentSource::Volume(s));
-        Ok(vol)
+        Ok(Self::to_volume(inst, &id, &loc, &meta))
     }
 
     async fn delete_volume(&self, volume_id: &str, secrets: &Secrets) -> Result<()> {
@@ -938,6 +989,30 @@ impl ControllerBackend for S3Controller {
         })
     }
 
+    async fn create_snapshot(
+        &self,
+        name: &str,
+        source_volume_id: &str,
+        parameters: &BTreeMap<String, String>,
+        secrets: &Secrets,
+    ) -> Result<Snapshot> {
+        self.snapshot_create(name, source_volume_id, parameters, secrets)
+            .await
+    }
+
+    async fn delete_snapshot(&self, snapshot_id: &str, secrets: &Secrets) -> Result<()> {
+        self.snapshot_delete(snapshot_id, secrets).await
+    }
+
+    async fn list_snapshots(
+        &self,
+        filter: &SnapshotFilter,
+        start: Option<&str>,
+        max: usize,
+    ) -> Result<Page<Snapshot>> {
+        self.snapshot_list(filter, start, max).await
+    }
+
     fn check_mutable_parameters(&self, mutable: &BTreeMap<String, String>) -> Result<()> {
         params::check_mutable(mutable)
     }
@@ -1017,6 +1092,7 @@ mod tests {
             on_delete: "retain".into(),
             mounter: "s3fs".into(),
             created: 7,
+            source: Some("snapshot:rgw/snap-1/san-s-0123".into()),
         };
         assert_eq!(Meta::from_tags(&m.to_tags()), Some(m.clone()));
         let mut t = m.to_tags();

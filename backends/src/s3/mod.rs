@@ -16,6 +16,9 @@
 //! mode), usage is reported by NodeGetVolumeStats from an object listing, and a volume grown
 //! past its size is reported as an abnormal volume condition (which kubelet turns into an
 //! event on the pods using it).
+//!
+//! Snapshots and clones are server-side copies (CopyObject, UploadPartCopy for big objects):
+//! no object data passes through the controller (`controller/snapshot.rs`).
 
 pub mod client;
 pub mod controller;

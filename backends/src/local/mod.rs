@@ -1,7 +1,11 @@
 //! `local.stowage.io`: the embedded default. Volumes are directories under a base directory on
 //! the node itself (like hostPath, but with the whole CSI lifecycle), or sparse image files
 //! attached as loop devices for raw block volumes. Needs no server; controller and node must
-//! see the same base directory (same machine, or a shared mount).
+//! see the same base directory (same machine, or a shared mount). Directory volumes' sizes are
+//! enforced by project quotas or per-volume filesystem images ([`capacity`]).
+
+pub mod capacity;
+pub mod controller;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -17,19 +21,42 @@ use crate::fs::local::LocalFs;
 use crate::mount::{self, Probe};
 use crate::node::{NodeBackend, NodeFeatures, StageRequest};
 use crate::volume_id::VolumeId;
+use capacity::FS_IMAGE;
 
 pub const DRIVER: &str = "local.stowage.io";
 /// Topology key: local volumes live on one node.
 pub const TOPOLOGY_KEY: &str = "topology.stowage.io/node";
 
-pub type LocalController = DirBackend<LocalFs>;
+pub use controller::LocalController;
 
 pub async fn controller(instances: &BTreeMap<String, LocalInstance>) -> Result<LocalController> {
     let mut out = Vec::new();
+    let mut caps = BTreeMap::new();
     for (name, cfg) in instances {
+        let setting = capacity::Setting::parse(cfg.capacity.as_deref())
+            .map_err(|e| Error::invalid("config", format!("instance {name}: {e}")))?;
         tokio::fs::create_dir_all(&cfg.base_dir)
             .await
             .map_err(|e| Error::io(format!("creating baseDir {}", cfg.base_dir.display()), e))?;
+        let enforcement = capacity::choose(&cfg.base_dir, setting)
+            .await
+            .map_err(|e| Error::invalid("config", format!("instance {name}: {e}")))?;
+        if enforcement == capacity::Enforcement::Off && setting == capacity::Setting::Auto {
+            tracing::warn!(
+                instance = %name,
+                base_dir = %cfg.base_dir.display(),
+                "volume sizes are recorded, not enforced: the base directory's filesystem has no project quotas (mount XFS or ext4 with prjquota), and capacity: image is not set"
+            );
+        } else {
+            tracing::info!(instance = %name, capacity = enforcement.describe(), "volume size enforcement");
+        }
+        caps.insert(
+            name.clone(),
+            controller::InstanceCapacity {
+                base: cfg.base_dir.clone(),
+                enforcement,
+            },
+        );
         let settings = cfg.dir_settings();
         out.push(Instance {
             name: name.clone(),
@@ -42,7 +69,7 @@ pub async fn controller(instances: &BTreeMap<String, LocalInstance>) -> Result<L
             context: Arc::new(|_| BTreeMap::new()),
         });
     }
-    DirBackend::new(DRIVER, out)
+    Ok(LocalController::new(DirBackend::new(DRIVER, out)?, caps))
 }
 
 /// Node side: bind mounts for directories, loop devices for block images.
@@ -107,6 +134,38 @@ async fn attach_loop(file: &Path) -> Result<PathBuf> {
     Ok(PathBuf::from(out.stdout.trim()))
 }
 
+/// Stages an image-enforced volume: the image on a loop device, its ext4 grown to the image's
+/// size if the controller grew the file since (a restore into a bigger volume, an expansion
+/// the node could not apply online), then mounted at the staging path.
+async fn stage_image(img: &Path, req: &StageRequest) -> Result<()> {
+    if mount::mounted_at(&req.staging_path).await?.is_some() {
+        match mount::probe(&req.staging_path).await {
+            Probe::Alive => return Ok(()),
+            _ => mount::unmount(&req.staging_path).await?,
+        }
+    }
+    let dev = attach_loop(img).await?;
+    let res = async {
+        if capacity::grow_offline(img, &dev).await? {
+            tracing::info!(volume_id = %req.volume_id, "filesystem grown to the image's size");
+        }
+        mount::mount(
+            mount::path_str(&dev)?,
+            &req.staging_path,
+            "ext4",
+            req.capability.mount_flags(),
+            command::MOUNT_TIMEOUT,
+        )
+        .await
+    }
+    .await;
+    if res.is_err() {
+        let _ = mount::unmount(&req.staging_path).await;
+        let _ = command::run("losetup", &["-d", mount::path_str(&dev)?], SHORT_TIMEOUT).await;
+    }
+    res
+}
+
 #[async_trait]
 impl NodeBackend for LocalNode {
     fn driver_name(&self) -> &'static str {
@@ -153,6 +212,10 @@ impl NodeBackend for LocalNode {
                 req.volume_id
             )));
         }
+        let fs_img = dir.join(FS_IMAGE);
+        if tokio::fs::metadata(&fs_img).await.is_ok() {
+            return stage_image(&fs_img, req).await;
+        }
         if mount::mounted_at(&req.staging_path).await?.is_some() {
             match mount::probe(&req.staging_path).await {
                 Probe::Alive => return Ok(()),
@@ -174,10 +237,31 @@ impl NodeBackend for LocalNode {
                 command::run("losetup", &["-d", mount::path_str(&dev)?], SHORT_TIMEOUT).await?;
             }
         }
-        mount::unmount(staging_path).await
+        let img = self.volume_dir(volume_id)?.join(FS_IMAGE);
+        let dev = if tokio::fs::metadata(&img).await.is_ok() {
+            loop_device_for(&img).await?
+        } else {
+            None
+        };
+        mount::unmount(staging_path).await?;
+        if let Some(dev) = dev {
+            // After the unmount: the loop device of a mounted filesystem would stay busy.
+            command::run("losetup", &["-d", mount::path_str(&dev)?], SHORT_TIMEOUT).await?;
+        }
+        Ok(())
     }
 
     async fn expand(&self, volume_id: &str, _path: &Path, capacity_bytes: u64) -> Result<u64> {
+        let fs_img = self.volume_dir(volume_id)?.join(FS_IMAGE);
+        if tokio::fs::metadata(&fs_img).await.is_ok() {
+            let Some(dev) = loop_device_for(&fs_img).await? else {
+                // Not staged here: the next stage grows the filesystem.
+                return Ok(capacity_bytes);
+            };
+            command::run("losetup", &["-c", mount::path_str(&dev)?], SHORT_TIMEOUT).await?;
+            capacity::resize_online(&dev).await?;
+            return mount::block_device_size(&dev).await;
+        }
         let img = self.volume_dir(volume_id)?.join(BLOCK_IMAGE);
         if tokio::fs::metadata(&img).await.is_err() {
             // A directory volume has no filesystem of its own to grow.

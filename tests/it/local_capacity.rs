@@ -1,0 +1,419 @@
+//! Capacity of local directory volumes, through the real binaries over their sockets: a write
+//! past the volume's size fails (ENOSPC or EDQUOT), NodeGetVolumeStats reports the size and the
+//! real usage, and ControllerExpandVolume (plus NodeExpandVolume for images) lets it grow.
+//! Once with `capacity: image` (ext4 image on a loop device), once with project quotas on a
+//! real XFS filesystem mounted with prjquota (made here on a loop device). Needs root.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use stowage_csi::v1;
+use stowage_tests::{Plugin, controller_clients, is_root, node_client, wire};
+
+const MIB: i64 = 1 << 20;
+
+struct Env {
+    dir: tempfile::TempDir,
+    ctl: Plugin,
+    node: Plugin,
+    c: stowage_tests::Clients,
+    n: v1::node_client::NodeClient<tonic::transport::Channel>,
+}
+
+async fn start(dir: tempfile::TempDir, base: &Path, capacity: &str) -> Env {
+    let cfg = dir.path().join("local.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "backend: local\ninstances:\n  default:\n    baseDir: {}\n{capacity}",
+            base.display()
+        ),
+    )
+    .unwrap();
+    let mut ctl = Plugin::controller(dir.path(), &cfg).unwrap();
+    let mut node = Plugin::node(dir.path(), &cfg, "node-1").unwrap();
+    let c = controller_clients(ctl.ready().await.unwrap());
+    let n = node_client(node.ready().await.unwrap());
+    Env {
+        dir,
+        ctl,
+        node,
+        c,
+        n,
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Whatever the test did (a failed assertion included), leave no mount or loop device.
+        let base = self.dir.path().to_path_buf();
+        if let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") {
+            let mut mps: Vec<String> = text
+                .lines()
+                .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+                .filter(|m| Path::new(m).starts_with(&base))
+                .collect();
+            mps.sort();
+            for m in mps.iter().rev() {
+                let _ = std::process::Command::new("umount")
+                    .args(["-l", m])
+                    .status();
+            }
+        }
+        if base.exists() {
+            for l in loops_under(&base) {
+                let _ = std::process::Command::new("losetup")
+                    .args(["-d", &format!("/dev/{l}")])
+                    .status();
+            }
+        }
+    }
+}
+
+/// Writes `bytes` to a new file, flushed to disk; the first error, if any.
+fn write_file(path: &Path, bytes: usize) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(path)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(chunk.len());
+        f.write_all(&chunk[..n])?;
+        left -= n;
+    }
+    f.sync_all()
+}
+
+fn assert_full(e: std::io::Error) {
+    // ENOSPC from a full filesystem (images; XFS project quotas), EDQUOT from ext4 quotas.
+    const ENOSPC: i32 = 28;
+    const EDQUOT: i32 = 122;
+    assert!(
+        matches!(e.raw_os_error(), Some(ENOSPC | EDQUOT)),
+        "expected ENOSPC or EDQUOT, got {e:?}"
+    );
+}
+
+async fn stats(e: &mut Env, vol: &v1::Volume, target: &Path) -> (i64, i64) {
+    let s =
+        e.n.node_get_volume_stats(v1::NodeGetVolumeStatsRequest {
+            volume_id: vol.volume_id.clone(),
+            volume_path: target.to_string_lossy().into(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let bytes = s
+        .usage
+        .iter()
+        .find(|u| u.unit == v1::volume_usage::Unit::Bytes as i32)
+        .unwrap();
+    (bytes.total, bytes.used)
+}
+
+/// create 16 MiB → stage → publish → refused past the size → usage → expand to 64 MiB →
+/// the bigger file fits → unpublish → unstage → delete.
+async fn bounded_cycle(e: &mut Env, name: &str, node_expansion: bool) {
+    let vol =
+        e.c.controller
+            .create_volume(wire::create(name, 16 * MIB))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+    let staging = e.dir.path().join("staging");
+    let target = e.dir.path().join("pods/a/mount");
+    stage(e, &vol, &staging, &target).await;
+
+    let (total, used0) = stats(e, &vol, &target).await;
+    assert!(
+        total <= 16 * MIB && total > 8 * MIB,
+        "total {total} for a 16 MiB volume"
+    );
+    // Past the size: refused.
+    let err = write_file(&target.join("big"), 20 << 20).unwrap_err();
+    assert_full(err);
+    std::fs::remove_file(target.join("big")).unwrap();
+    // Within it: fine, and the usage shows it.
+    write_file(&target.join("six"), 6 << 20).unwrap();
+    let (_, used) = stats(e, &vol, &target).await;
+    assert!(
+        used - used0 >= 6 * MIB - MIB / 2,
+        "used {used} (was {used0}) after writing 6 MiB"
+    );
+
+    // Grow to 64 MiB: the 20 MiB file now fits.
+    let ex =
+        e.c.controller
+            .controller_expand_volume(v1::ControllerExpandVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                capacity_range: Some(v1::CapacityRange {
+                    required_bytes: 64 * MIB,
+                    limit_bytes: 0,
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    assert_eq!(ex.capacity_bytes, 64 * MIB);
+    assert_eq!(ex.node_expansion_required, node_expansion);
+    if node_expansion {
+        let ne =
+            e.n.node_expand_volume(v1::NodeExpandVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                volume_path: target.to_string_lossy().into(),
+                capacity_range: Some(v1::CapacityRange {
+                    required_bytes: 64 * MIB,
+                    limit_bytes: 0,
+                }),
+                staging_target_path: staging.to_string_lossy().into(),
+                ..Default::default()
+            })
+            .await;
+        match ne {
+            Ok(ne) => assert!(ne.into_inner().capacity_bytes >= 64 * MIB),
+            // Online ext4 resize needs CAP_SYS_RESOURCE (privileged node plugins have it;
+            // some sandboxes drop it): then the filesystem grows offline at the next stage,
+            // which is what a pod restart does.
+            Err(st) if !has_cap_sys_resource() => {
+                assert_eq!(st.code(), tonic::Code::FailedPrecondition, "{st:?}");
+                assert!(st.message().contains("CAP_SYS_RESOURCE"), "{st:?}");
+                eprintln!("no CAP_SYS_RESOURCE: growing offline through a restage");
+                unstage(e, &vol, &staging, &target).await;
+                stage(e, &vol, &staging, &target).await;
+            }
+            Err(st) => panic!("NodeExpandVolume: {st:?}"),
+        }
+    }
+    let (total, _) = stats(e, &vol, &target).await;
+    assert!(
+        total > 48 * MIB && total <= 64 * MIB,
+        "total {total} after expansion"
+    );
+    write_file(&target.join("big"), 20 << 20).unwrap();
+    assert_full(write_file(&target.join("bigger"), 60 << 20).unwrap_err());
+
+    unstage(e, &vol, &staging, &target).await;
+    e.c.controller
+        .delete_volume(v1::DeleteVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}
+
+async fn stage(e: &mut Env, vol: &v1::Volume, staging: &Path, target: &Path) {
+    e.n.node_stage_volume(v1::NodeStageVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(wire::rwo()),
+        volume_context: vol.volume_context.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    e.n.node_publish_volume(v1::NodePublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+        target_path: target.to_string_lossy().into(),
+        volume_capability: Some(wire::rwo()),
+        volume_context: vol.volume_context.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+async fn unstage(e: &mut Env, vol: &v1::Volume, staging: &Path, target: &Path) {
+    e.n.node_unpublish_volume(v1::NodeUnpublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        target_path: target.to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
+    e.n.node_unstage_volume(v1::NodeUnstageVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
+}
+
+/// CAP_SYS_RESOURCE (bit 24) in this process's effective set.
+fn has_cap_sys_resource() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .is_some_and(|caps| caps & (1 << 24) != 0)
+}
+
+/// Loop devices backed by a file under `dir`.
+fn loops_under(dir: &Path) -> Vec<String> {
+    let want = std::fs::canonicalize(dir).unwrap();
+    let mut out = Vec::new();
+    for ent in std::fs::read_dir("/sys/block").unwrap().flatten() {
+        if let Ok(b) = std::fs::read_to_string(ent.path().join("loop/backing_file"))
+            && PathBuf::from(b.trim_end()).starts_with(&want)
+        {
+            out.push(ent.file_name().to_string_lossy().into_owned());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn image_volume_is_bounded_reports_usage_and_grows() {
+    assert!(is_root(), "these tests mount; run them as root");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let mut e = start(dir, &base, "    capacity: image\n").await;
+    bounded_cycle(&mut e, "pvc-img", true).await;
+    assert!(
+        e.ctl
+            .log_text()
+            .contains("a filesystem image per volume on a loop device"),
+        "the controller must say which enforcement it picked:\n{}",
+        e.ctl.log_text()
+    );
+    assert!(loops_under(&base).is_empty(), "a loop device was left");
+    assert!(!base.join("pvc-img").exists());
+    e.node.kill();
+    e.ctl.kill();
+}
+
+#[tokio::test]
+async fn image_is_made_on_create_and_its_files_are_not_in_the_directory() {
+    assert!(is_root(), "these tests mount; run them as root");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let mut e = start(dir, &base, "    capacity: image\n").await;
+    let vol =
+        e.c.controller
+            .create_volume(wire::create("pvc-made", 16 * MIB))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+    let img = base.join("pvc-made/fs.img");
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), 16 << 20);
+    // Sparse: the 16 MiB are not all allocated.
+    use std::os::unix::fs::MetadataExt;
+    assert!(std::fs::metadata(&img).unwrap().blocks() * 512 < 16 << 20);
+    // A repeat keeps the image (and whatever is in it).
+    e.c.controller
+        .create_volume(wire::create("pvc-made", 16 * MIB))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_dir(base.join("pvc-made")).unwrap().count(),
+        1,
+        "only fs.img"
+    );
+    e.c.controller
+        .delete_volume(v1::DeleteVolumeRequest {
+            volume_id: vol.volume_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    e.node.kill();
+    e.ctl.kill();
+}
+
+#[tokio::test]
+async fn auto_without_project_quotas_records_only_and_says_so() {
+    assert!(is_root(), "these tests mount; run them as root");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let e = start(dir, &base, "").await;
+    let log = e.ctl.log_text();
+    if log.contains("project quotas") && !log.contains("no project quotas") {
+        return; // this machine's temp dir has project quotas on
+    }
+    assert!(
+        log.contains("recorded, not enforced"),
+        "the controller must say sizes are not enforced:\n{log}"
+    );
+}
+
+/// An XFS filesystem with project quotas on, on a loop device; unmounted on drop.
+struct Xfs {
+    mnt: PathBuf,
+}
+
+impl Drop for Xfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .status();
+    }
+}
+
+fn xfs_with_prjquota(dir: &Path) -> Option<Xfs> {
+    let have = |p: &str| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {p}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !have("mkfs.xfs") || !have("xfs_quota") {
+        eprintln!("skipped: mkfs.xfs or xfs_quota missing");
+        return None;
+    }
+    let img = dir.join("xfs.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(320 << 20).unwrap(); // XFS's minimum is 300 MB
+    drop(f);
+    let ok = std::process::Command::new("mkfs.xfs")
+        .args(["-q", "-f"])
+        .arg(&img)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mkfs.xfs failed");
+    let mnt = dir.join("xfs");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let ok = std::process::Command::new("mount")
+        .args(["-o", "loop,prjquota"])
+        .arg(&img)
+        .arg(&mnt)
+        .status()
+        .unwrap()
+        .success();
+    if !ok {
+        // e.g. "quota support not available in this kernel"
+        eprintln!("skipped: this kernel cannot mount XFS with project quotas");
+        return None;
+    }
+    Some(Xfs { mnt })
+}
+
+#[tokio::test]
+async fn project_quota_on_xfs_is_picked_bounds_and_grows() {
+    assert!(is_root(), "these tests mount; run them as root");
+    let dir = tempfile::tempdir().unwrap();
+    let Some(xfs) = xfs_with_prjquota(dir.path()) else {
+        return;
+    };
+    let base = xfs.mnt.join("base");
+    let mut e = start(dir, &base, "").await;
+    assert!(
+        e.ctl.log_text().contains("XFS project quotas"),
+        "auto must pick project quotas here:\n{}",
+        e.ctl.log_text()
+    );
+    bounded_cycle(&mut e, "pvc-quota", false).await;
+    assert!(!base.join("pvc-quota").exists());
+    e.node.kill();
+    e.ctl.kill();
+    drop(xfs);
+}
