@@ -419,6 +419,75 @@ s_restart() {
   delete_pod after-restart
 }
 
+psql_() { timeout 20 psql -X -q -At -h "$pg_ip" -U postgres -d postgres "$@"; }
+pg_ready() { [ "$(k -n "$ns" get pod pg-0 -o 'jsonpath={.status.containerStatuses[0].ready}' 2>/dev/null)" = true ]; }
+s_postgres() {
+  local t0 cid out acked found missing lpid kill_t rec
+  "$images" import "$CONTAINERD_SOCK" postgres >"$work/pg-image.log" 2>&1 ||
+    { why="postgres image: $(tail -n 3 "$work/pg-image.log")"; return 1; }
+  k -n "$ns" create configmap pg-entry --from-file=entrypoint.sh="$root/tests/pods/postgres-entrypoint.sh" >/dev/null || { why="configmap"; return 1; }
+  cat <<EOF | k -n "$ns" apply -f - >/dev/null
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: pg}
+spec:
+  serviceName: pg
+  replicas: 1
+  selector: {matchLabels: {app: pg}}
+  template:
+    metadata: {labels: {app: pg}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: postgres
+        image: $("$images" ref postgres)
+        imagePullPolicy: Never
+        command: ["/bin/sh", "/entry/entrypoint.sh"]
+        env: [{name: PGDATA, value: /data/pg}]
+        readinessProbe:
+          exec: {command: ["pg_isready", "-h", "/tmp", "-U", "postgres"]}
+          periodSeconds: 1
+          failureThreshold: 2
+        volumeMounts: [{name: data, mountPath: /data}, {name: entry, mountPath: /entry}]
+      volumes: [{name: entry, configMap: {name: pg-entry}}]
+  volumeClaimTemplates:
+  - metadata: {name: data}
+    spec:
+      storageClassName: $sc
+      accessModes: [ReadWriteOnce]
+      resources: {requests: {storage: 512Mi}}
+EOF
+  t0=$(now)
+  until_ok 180 pg_ready || { why="pg-0 not ready in 180 s: $(k -n "$ns" logs pg-0 2>&1 | tail -n 3)"; return 1; }
+  pg_ip=$(k -n "$ns" get pod pg-0 -o 'jsonpath={.status.podIP}')
+  say "postgres ready at $pg_ip $(secs "$t0" "$(now)")s after apply (initdb included)"
+  psql_ -c 'CREATE TABLE t (id bigint PRIMARY KEY, pad text)' || { why="CREATE TABLE failed on $pg_ip"; return 1; }
+  : > "$work/pg-acked"
+  python3 "$root/tests/pods/pg-load.py" "$pg_ip" "$work/pg-acked" >"$work/pg-load.out" 2>&1 &
+  lpid=$!
+  sleep 4
+  cid=$(k -n "$ns" get pod pg-0 -o 'jsonpath={.status.containerStatuses[0].containerID}'); cid=${cid#containerd://}
+  [ -n "$cid" ] || { kill "$lpid"; why="no container ID for pg-0"; return 1; }
+  kill_t=$(now)
+  timeout 20 ctr -a "$CONTAINERD_SOCK" -n k8s.io tasks kill -s SIGKILL "$cid" || { kill "$lpid"; why="ctr tasks kill failed"; return 1; }
+  until_ok 30 bash -c "! kill -0 $lpid" || kill "$lpid"
+  wait "$lpid"
+  until_ok 120 psql_ -c 'SELECT 1' || { why="postgres not back within 120 s of kill -9: $(k -n "$ns" logs pg-0 2>&1 | tail -n 3)"; return 1; }
+  rec=$(secs "$kill_t" "$(now)")
+  psql_ -c 'SELECT id FROM t ORDER BY id' > "$work/pg-found" || { why="SELECT after restart failed"; return 1; }
+  acked=$(wc -l < "$work/pg-acked"); found=$(wc -l < "$work/pg-found")
+  missing=$(comm -23 <(sort "$work/pg-acked") <(sort "$work/pg-found") | wc -l)
+  say "postgres kill -9: $(cat "$work/pg-load.out"); rows acked $acked, found $found, missing $missing; recovery ${rec}s; restarts $(k -n "$ns" get pod pg-0 -o 'jsonpath={.status.containerStatuses[0].restartCount}')"
+  [ "$acked" -gt 0 ] || { why="no row was acknowledged before the kill"; return 1; }
+  [ "$missing" = 0 ] || { why="$missing of $acked acknowledged rows missing after kill -9"; return 1; }
+  out=$(timeout 120 /usr/lib/postgresql/15/bin/pg_amcheck --install-missing -h "$pg_ip" -U postgres -d postgres 2>&1) ||
+    { why="pg_amcheck: $(echo "$out" | tail -n 3)"; return 1; }
+  detail="rows acked $acked, found $found, missing 0, recovery ${rec}s, pg_amcheck clean"
+  k -n "$ns" delete statefulset pg --wait=false >/dev/null
+  until_ok 90 gone pod pg-0 || { why="pg-0 not deleted"; return 1; }
+  k -n "$ns" delete pvc data-pg-0 --wait=false >/dev/null
+}
+
 run "emptyDir pod runs, kubectl logs readable" s_emptydir
 run "CSINode lists $drv with node ID (registration)" s_csinode
 run "PVC: write, delete pod, new pod reads bytes back, mount gone" s_persist
@@ -427,6 +496,7 @@ run "volumeMode Block: dd write, second pod reads back" s_block
 run "ReadWriteOncePod: second pod refused, runs after the first" s_rwop
 run "generic ephemeral volume deleted with its pod" s_ephemeral
 run "stowage-node SIGKILL + restart: driver re-registered" s_restart
+run "PostgreSQL StatefulSet: kill -9 mid-insert, every acknowledged row present" s_postgres
 
 until_ok 60 no_csi_mounts || fail "no CSI mounts left at the end" "$(csi_mounts | tr '\n' ' ')"
 say "pod start to first write: ${first_write:-n/a}s"
