@@ -107,6 +107,7 @@ logs_have() { k -n "$ns" logs "$1" 2>/dev/null | grep -q -- "$2"; }
 # CSI mounts (publish targets, staging globalmounts, block device maps) under kubelet's root.
 csi_mounts() { awk -v p="$KUBELET_ROOT/" 'index($5, p) == 1 && $5 ~ /kubernetes.io[~\/]csi/ {print $5}' /proc/self/mountinfo; }
 no_csi_mounts() { [ -z "$(csi_mounts)" ]; }
+no_loops() { ! losetup -a 2>/dev/null | grep -qF "$work/local/"; }
 claim() { # name size [accessMode] [volumeMode]
   cat <<EOF | k -n "$ns" apply -f - >/dev/null
 apiVersion: v1
@@ -338,7 +339,8 @@ EOF
   [ -n "$sum" ] && [ "$sum" = "$got" ] || { why="dd wrote sha256 ${sum:-nothing}, read back ${got:-nothing}"; return 1; }
   delete_pod blk-reader || return 1
   until_ok 60 no_csi_mounts || { why="block device maps left after the last pod: $(csi_mounts | tr '\n' ' ')"; return 1; }
-  detail="4 MiB through /dev/xvdz read back by a second pod"
+  until_ok 30 no_loops || { why="loop devices still attached after the last pod: $(losetup -a | grep -F "$work/local/")"; return 1; }
+  detail="4 MiB through /dev/xvdz read back by a second pod, loop detached"
 }
 
 s_rwop() {
