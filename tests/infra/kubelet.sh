@@ -48,11 +48,11 @@ die() { printf '[kubelet.sh] ERROR: %s\n' "$*" >&2; exit 1; }
 
 STATE="" KSTATE="" NODE=""
 parse_args() {
-  NODE=1 STATE="" KSTATE="${KUBE_STATE:-/tmp/stowage-kube}"
+  NODE=1 STATE="" KSTATE=""
   while (($#)); do
     case "$1" in
       --state) STATE="${2:?--state needs a directory}"; shift 2 ;;
-      --kube-state) KSTATE="${2:?--kube-state needs a directory}"; shift 2 ;;
+      --kube-state) KSTATE="$(cd "${2:?--kube-state needs a directory}" && pwd -P)" || die "no directory $2"; shift 2 ;;
       --node) NODE="${2:?--node needs 1-9}"; shift 2 ;;
       *) die "unknown argument: $1" ;;
     esac
@@ -62,6 +62,9 @@ parse_args() {
   if [[ -d "$STATE" ]]; then STATE="$(cd "$STATE" && pwd -P)"; fi
   # A state dir remembers its node number (stop/status/env without --node).
   if [[ -f "$STATE/node" ]]; then NODE="$(cat "$STATE/node")"; fi
+  # ... and its control plane (stop must reach the same apiserver start joined).
+  if [[ -z "$KSTATE" && -f "$STATE/kube-state" ]]; then KSTATE="$(cat "$STATE/kube-state")"; fi
+  KSTATE="${KSTATE:-${KUBE_STATE:-/tmp/stowage-kube}}"
   NODE_IP="10.123.$NODE.1"
   NODE_NAME="$NODE_IP"
   VETH="stowk${NODE}a" VETH_PEER="stowk${NODE}b" BRIDGE="stowk${NODE}br"
@@ -336,6 +339,7 @@ start_once() {
   local deadline=$((SECONDS + READY_TIMEOUT))
   mkdir -p "$STATE/logs" "$STATE/pids"
   echo "$NODE" > "$STATE/node"
+  echo "$KSTATE" > "$STATE/kube-state"
   touch "$STATE/.stowage-kubelet"
   KUBELET_PORT=10250
   HEALTHZ_PORT="$(free_port)"
