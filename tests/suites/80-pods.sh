@@ -300,7 +300,7 @@ s_persist() {
 
 s_readonly() {
   local c=data-persist
-  pod ro-reader "$c" 'if echo x > /data/new 2>/tmp/err; then echo WRITE-ALLOWED; else echo "WRITE-REFUSED $(cat /tmp/err)"; fi; test -s /data/blob && echo OLD-DATA-READABLE' true
+  pod ro-reader "$c" 'if (echo x > /data/new) 2>/tmp/err; then echo WRITE-ALLOWED; else echo "WRITE-REFUSED $(cat /tmp/err)"; fi; test -s /data/blob && echo OLD-DATA-READABLE' true
   wait_phase ro-reader Succeeded 90 || return 1
   logs_have ro-reader 'WRITE-REFUSED.*Read-only' || { why="write on readOnly mount: $(k -n "$ns" logs ro-reader 2>&1 | head -n 2)"; return 1; }
   logs_have ro-reader OLD-DATA-READABLE || { why="existing data not readable on the read-only mount"; return 1; }
