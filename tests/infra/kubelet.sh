@@ -7,6 +7,7 @@
 #
 # Usage: tests/infra/kubelet.sh start  [--state DIR] [--kube-state DIR] [--node N]
 #        tests/infra/kubelet.sh stop   [--state DIR] [--kube-state DIR]
+#        tests/infra/kubelet.sh restart-kubelet [--state DIR]  # kubelet only; pods keep running
 #        tests/infra/kubelet.sh status [--state DIR]   # exit 0 ready, 1 degraded, 3 stopped
 #        tests/infra/kubelet.sh env    [--state DIR]   # eval "$(kubelet.sh env)"
 #
@@ -315,6 +316,8 @@ nodeStatusUpdateFrequency: 4s
 syncFrequency: 10s
 fileCheckFrequency: 10s
 maxPods: 50
+# kubelet_volume_stats_* (NodeGetVolumeStats) every 10 s instead of every minute.
+volumeStatsAggPeriod: 10s
 EOF
 }
 
@@ -333,6 +336,12 @@ running_ok() {
   load_ports
   [[ -n "$HEALTHZ_PORT" ]] && daemon_pid containerd >/dev/null && daemon_pid kubelet >/dev/null &&
     healthz >/dev/null 2>&1 && api_up && node_ready
+}
+
+launch_kubelet() {
+  launch kubelet "$BIN_DIR/kubelet" --config "$STATE/kubelet-config.yaml" \
+    --kubeconfig "$STATE/kubelet.kubeconfig" --root-dir "$ROOT" --cert-dir "$STATE/pki" \
+    --node-ip "$NODE_IP" --hostname-override "$NODE_NAME" --v "${KUBELET_VERBOSITY:-1}"
 }
 
 start_once() {
@@ -354,9 +363,7 @@ start_once() {
 
   write_node_credentials
   write_kubelet_config
-  launch kubelet "$BIN_DIR/kubelet" --config "$STATE/kubelet-config.yaml" \
-    --kubeconfig "$STATE/kubelet.kubeconfig" --root-dir "$ROOT" --cert-dir "$STATE/pki" \
-    --node-ip "$NODE_IP" --hostname-override "$NODE_NAME" --v "${KUBELET_VERBOSITY:-1}"
+  launch_kubelet
   wait_for "kubelet /healthz" "$deadline" "containerd kubelet" -- healthz || return 1
   wait_for "node $NODE_NAME Ready" "$deadline" "containerd kubelet" -- node_ready || return 1
 
@@ -452,6 +459,19 @@ cmd_stop() {
   log "stopped node $NODE_NAME (state kept in $STATE)"
 }
 
+# Restart only kubelet (SIGTERM, then the same command line): containers keep running in
+# containerd, and kubelet re-scans plugins_registry/ and re-registers the plugins there.
+cmd_restart_kubelet() {
+  parse_args "$@"
+  load_ports
+  [[ -f "$STATE/env" ]] && daemon_pid containerd >/dev/null || die "node in $STATE is not running"
+  stop_daemon kubelet 15
+  launch_kubelet
+  local deadline=$((SECONDS + READY_TIMEOUT))
+  wait_for "kubelet /healthz" "$deadline" "containerd kubelet" -- healthz || die "kubelet did not come back"
+  wait_for "node $NODE_NAME Ready" "$deadline" "containerd kubelet" -- node_ready || die "node not Ready after the restart"
+}
+
 cmd_status() {
   parse_args "$@"
   load_ports
@@ -475,9 +495,10 @@ main() {
   case "$cmd" in
     start) cmd_start "$@" ;;
     stop) cmd_stop "$@" ;;
+    restart-kubelet) cmd_restart_kubelet "$@" ;;
     status) cmd_status "$@" ;;
     env) cmd_env "$@" ;;
-    *) die "usage: $0 {start|stop|status|env} [--state DIR] [--kube-state DIR] [--node N]" ;;
+    *) die "usage: $0 {start|stop|restart-kubelet|status|env} [--state DIR] [--kube-state DIR] [--node N]" ;;
   esac
 }
 # One line: bash reads scripts lazily (see kube.sh).

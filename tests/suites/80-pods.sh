@@ -239,6 +239,8 @@ EOF
 # Each returns non-zero with $why set; run() prints PASS/FAIL with the detail in $detail.
 run() {
   local name="$1" t0=$SECONDS; shift
+  # Development aid: PODS_ONLY="s_block s_rwop" runs only those (the others print SKIP).
+  if [ -n "${PODS_ONLY:-}" ] && [[ " $PODS_ONLY " != *" $1 "* ]]; then echo "SKIP: $name (PODS_ONLY)"; return 0; fi
   why="" detail=""
   say "scenario $name"
   if "$@"; then pass "$name" "${detail:+$detail, }$((SECONDS - t0))s"; else fail "$name" "${why:-failed}"; fi
@@ -399,7 +401,7 @@ EOF
   detail="claim, PV $pv and backend volume gone with the pod"
 }
 
-reg_count() { grep -c "Register new plugin with name: $drv" "$KUBELET_STATE/logs/kubelet.log" 2>/dev/null || echo 0; }
+reg_count() { local n; n=$(grep -c "Register new plugin with name: $drv" "$KUBELET_STATE/logs/kubelet.log" 2>/dev/null); echo "${n:-0}"; }
 s_restart() {
   [ "$builtin_reg" = 1 ] || { why="stowage-node has no --kubelet-root (built-in kubelet registration not there)"; return 1; }
   local before pid t0
@@ -419,6 +421,87 @@ s_restart() {
   pod after-restart data-after-restart 'echo ok > /data/f && echo AFTER-OK'
   wait_phase after-restart Succeeded 90 || return 1
   delete_pod after-restart
+}
+
+s_fsgroup_subpath() {
+  local c=data-fsgroup out
+  claim "$c" 16Mi
+  until_ok 60 bound "$c" || { why="claim $c not Bound in 60 s"; return 1; }
+  cat <<EOF | k -n "$ns" apply -f - >/dev/null
+apiVersion: v1
+kind: Pod
+metadata: {name: fsg}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 0
+  securityContext: {runAsUser: 1000, runAsGroup: 1000, fsGroup: 2000}
+  containers:
+  - name: c
+    image: $busybox
+    imagePullPolicy: Never
+    command: ["/bin/sh", "-c", "mkdir -p /data/sub/dir && echo via-subpath > /sub/f 2>&1; echo new > /data/g; echo \"GID \$(stat -c %g /data/g) DIRGID \$(stat -c %g /data)\"; echo \"SUBPATH \$(cat /data/sub/dir/f 2>&1)\"; ls -la /data/sub/dir"]
+    volumeMounts:
+    - {name: d, mountPath: /data}
+    - {name: d, mountPath: /sub, subPath: sub/dir}
+  volumes: [{name: d, persistentVolumeClaim: {claimName: $c}}]
+EOF
+  wait_phase fsg Succeeded 90 || return 1
+  out=$(k -n "$ns" logs fsg 2>&1)
+  echo "$out" | grep -q '^GID 2000 DIRGID 2000' || { why="fsGroup 2000 not applied (fsGroupPolicy File): $(echo "$out" | head -n 2 | tr '\n' ' ')"; return 1; }
+  echo "$out" | grep -q '^SUBPATH via-subpath' || { why="subPath write not visible in the volume: $(echo "$out" | tr '\n' ' ')"; return 1; }
+  delete_pod fsg || return 1
+  detail="file and volume root group 2000 as uid 1000, subPath sub/dir lands in the volume"
+}
+
+# kubelet restart while a pod writes to its volume: the pod keeps its container and volume, and
+# kubelet (which re-scans plugins_registry/) registers the driver again.
+lines() { k -n "$ns" exec steady -- sh -c 'wc -l < /data/log' 2>/dev/null | tr -dc 0-9; }
+s_kubelet_restart() {
+  local c=data-steady before n1 n2 cid1 cid2 t0
+  claim "$c" 16Mi
+  until_ok 60 bound "$c" || { why="claim $c not Bound in 60 s"; return 1; }
+  pod steady "$c" 'while :; do date >> /data/log; sleep 0.2; done'
+  wait_phase steady Running 90 || return 1
+  until_ok 20 bash -c "[ -n \"\$($KUBECTL -n $ns exec steady -- cat /data/log 2>/dev/null)\" ]" || { why="steady pod not writing"; return 1; }
+  cid1=$(k -n "$ns" get pod steady -o 'jsonpath={.status.containerStatuses[0].containerID}')
+  before=$(reg_count)
+  t0=$(now)
+  "$kubelet" restart-kubelet --state "$KUBELET_STATE" >"$work/kubelet-restart.log" 2>&1 || { why="kubelet restart: $(tail -n 2 "$work/kubelet-restart.log")"; return 1; }
+  until_ok 60 bash -c "[ \$(grep -c 'Register new plugin with name: $drv' '$KUBELET_STATE/logs/kubelet.log') -gt $before ]" ||
+    { why="kubelet did not register $drv again within 60 s of its restart"; return 1; }
+  detail="re-registered $(secs "$t0" "$(now)")s after the restart"
+  n1=$(lines); sleep 3; n2=$(lines)
+  [ -n "$n1" ] && [ -n "$n2" ] && [ "$n2" -gt "$n1" ] || { why="pod stopped writing after the kubelet restart ($n1 -> $n2 lines)"; return 1; }
+  cid2=$(k -n "$ns" get pod steady -o 'jsonpath={.status.containerStatuses[0].containerID}')
+  [ "$cid1" = "$cid2" ] || { why="container replaced across the kubelet restart ($cid1 -> $cid2)"; return 1; }
+  delete_pod steady || return 1
+  until_ok 60 no_csi_mounts || { why="CSI mounts left after the pod: $(csi_mounts | tr '\n' ' ')"; return 1; }
+  detail="$detail, same container kept writing ($n1 -> $n2 lines), unmounted after delete"
+  [ "$builtin_reg" = 1 ] || { why="volume survived, but registration came from tests/pods/registrar-stub: stowage-node has no --kubelet-root"; return 1; }
+}
+
+# kubelet_volume_stats_* (NodeGetVolumeStats) against what a pod wrote.
+metric() { # name pvc
+  curl -sk --max-time 5 "https://$KUBELET_NODE_IP:$KUBELET_PORT/metrics" |
+    awk -v n="$1" -v c="persistentvolumeclaim=\"$2\"" '$1 ~ "^"n"[{]" && index($1, c) && index($1, "namespace=\"'"$ns"'\"") {printf "%d\n", $2}'
+}
+s_volume_stats() {
+  local c=data-stats used cap
+  claim "$c" 64Mi
+  until_ok 60 bound "$c" || { why="claim $c not Bound in 60 s"; return 1; }
+  pod stats "$c" 'head -c 8388608 /dev/urandom > /data/f && sync && echo WROTE; sleep 3600'
+  wait_phase stats Running 90 || return 1
+  until_ok 30 logs_have stats WROTE || { why="stats pod did not write"; return 1; }
+  until_ok 60 bash -c "[ -n \"\$(curl -sk --max-time 5 https://$KUBELET_NODE_IP:$KUBELET_PORT/metrics | grep '^kubelet_volume_stats_used_bytes' | grep '\"$c\"')\" ]" ||
+    { why="kubelet exports no kubelet_volume_stats_used_bytes for $c within 60 s"; delete_pod stats; return 1; }
+  used=$(metric kubelet_volume_stats_used_bytes "$c"); cap=$(metric kubelet_volume_stats_capacity_bytes "$c")
+  say "volume stats for $c: used_bytes $used capacity_bytes $cap (pod wrote 8388608 of a 64Mi claim)"
+  delete_pod stats || return 1
+  # A directory volume's numbers should be the volume's: 8 MiB used (give or take metadata),
+  # capacity the claim's 64 MiB.
+  [ "${used:-0}" -ge 8388608 ] && [ "${used:-0}" -le 12582912 ] && [ "${cap:-0}" -eq 67108864 ] ||
+    { why="kubelet_volume_stats_used_bytes $used / capacity_bytes $cap do not describe the volume (8 MiB written, 64 MiB claim): NodeGetVolumeStats reports the backing filesystem"; return 1; }
+  detail="used $used, capacity $cap"
 }
 
 psql_() { timeout 20 psql -X -q -At -h "$pg_ip" -U postgres -d postgres "$@"; }
@@ -497,7 +580,10 @@ run "readOnly: true mount refuses writes" s_readonly
 run "volumeMode Block: dd write, second pod reads back" s_block
 run "ReadWriteOncePod: second pod refused, runs after the first" s_rwop
 run "generic ephemeral volume deleted with its pod" s_ephemeral
+run "fsGroup (fsGroupPolicy File) and subPath" s_fsgroup_subpath
+run "kubelet_volume_stats_* match what the pod wrote" s_volume_stats
 run "stowage-node SIGKILL + restart: driver re-registered" s_restart
+run "kubelet restart: driver re-registered, running pod keeps its volume" s_kubelet_restart
 run "PostgreSQL StatefulSet: kill -9 mid-insert, every acknowledged row present" s_postgres
 
 until_ok 60 no_csi_mounts || fail "no CSI mounts left at the end" "$(csi_mounts | tr '\n' ' ')"
