@@ -244,6 +244,12 @@ run() {
   why="" detail=""
   say "scenario $name"
   if "$@"; then pass "$name" "${detail:+$detail, }$((SECONDS - t0))s"; else fail "$name" "${why:-failed}"; fi
+  # Whatever a failed scenario left running must not hold volumes for the next one.
+  k -n "$ns" delete statefulsets --all --wait=false >/dev/null 2>&1
+  if [ -n "$(k -n "$ns" get pods -o name 2>/dev/null)" ]; then
+    k -n "$ns" delete pods --all --wait=false >/dev/null 2>&1
+    until_ok 90 bash -c "[ -z \"\$($KUBECTL -n $ns get pods -o name 2>/dev/null)\" ]" || say "pods still left after $name"
+  fi
 }
 
 s_emptydir() {
@@ -470,6 +476,8 @@ s_kubelet_restart() {
   until_ok 60 bash -c "[ \$(grep -c 'Register new plugin with name: $drv' '$KUBELET_STATE/logs/kubelet.log') -gt $before ]" ||
     { why="kubelet did not register $drv again within 60 s of its restart"; return 1; }
   detail="re-registered $(secs "$t0" "$(now)")s after the restart"
+  # kubectl exec goes through the new kubelet: allow it a moment.
+  until_ok 30 bash -c "[ -n \"\$($KUBECTL -n $ns exec steady -- sh -c 'wc -l < /data/log' 2>/dev/null)\" ]"
   n1=$(lines); sleep 3; n2=$(lines)
   [ -n "$n1" ] && [ -n "$n2" ] && [ "$n2" -gt "$n1" ] || { why="pod stopped writing after the kubelet restart ($n1 -> $n2 lines)"; return 1; }
   cid2=$(k -n "$ns" get pod steady -o 'jsonpath={.status.containerStatuses[0].containerID}')
@@ -483,7 +491,7 @@ s_kubelet_restart() {
 # kubelet_volume_stats_* (NodeGetVolumeStats) against what a pod wrote.
 metric() { # name pvc
   curl -sk --max-time 5 "https://$KUBELET_NODE_IP:$KUBELET_PORT/metrics" |
-    awk -v n="$1" -v c="persistentvolumeclaim=\"$2\"" '$1 ~ "^"n"[{]" && index($1, c) && index($1, "namespace=\"'"$ns"'\"") {printf "%d\n", $2}'
+    awk -v n="$1" -v c="persistentvolumeclaim=\"$2\"" '$1 ~ "^"n"[{]" && index($1, c) && index($1, "namespace=\"'"$ns"'\"") {printf "%.0f\n", $2}'
 }
 s_volume_stats() {
   local c=data-stats used cap
