@@ -595,6 +595,6 @@ run "kubelet restart: driver re-registered, running pod keeps its volume" s_kube
 run "PostgreSQL StatefulSet: kill -9 mid-insert, every acknowledged row present" s_postgres
 
 until_ok 60 no_csi_mounts || fail "no CSI mounts left at the end" "$(csi_mounts | tr '\n' ' ')"
-say "pod start to first write: ${first_write:-n/a}s"
+say "pod start to first write: ${first_write:+${first_write}s}${first_write:-n/a} (claim bound beforehand; kubectl apply to the write seen in the log)"
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]
