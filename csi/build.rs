@@ -13,7 +13,11 @@ use std::path::PathBuf;
 use prost_types::{DescriptorProto, FileDescriptorSet, field_descriptor_proto::Type};
 
 const PROTO_DIR: &str = "proto";
-const PROTOS: &[&str] = &["proto/csi.proto", "proto/stowage.proto"];
+const PROTOS: &[&str] = &[
+    "proto/csi.proto",
+    "proto/stowage.proto",
+    "proto/pluginregistration.proto",
+];
 
 /// Proto package -> the `lib.rs` module its generated code is included in.
 const PACKAGES: &[(&str, &str)] = &[("csi.v1", "v1"), ("stowage.v1", "stowage_v1")];

@@ -132,6 +132,15 @@ fn hash_hex(s: &str, len: usize) -> String {
     h
 }
 
+/// A block image the filesystem cannot make that large: name the request field the size came
+/// from, so the caller knows what to change.
+fn capacity_out_of_range(e: Error) -> Error {
+    match e {
+        Error::OutOfRange(m) => Error::OutOfRange(format!("capacity_range.required_bytes: {m}")),
+        other => other,
+    }
+}
+
 fn rel(s: &str) -> Result<RelPath> {
     RelPath::parse("path", s)
 }
@@ -380,7 +389,9 @@ impl<F: Fs> DirBackend<F> {
                 }
                 let size = fs.stat(&img).await?.map_or(0, |s| s.size);
                 if size < meta.capacity {
-                    fs.set_len(&img, meta.capacity).await?;
+                    fs.set_len(&img, meta.capacity)
+                        .await
+                        .map_err(capacity_out_of_range)?;
                 }
             }
             self.hook_capacity(inst, &tmp, meta.capacity).await?;
@@ -848,7 +859,10 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
         if want > meta.capacity {
             self.hook_capacity(inst, &id.path, want).await?;
             if meta.block {
-                inst.fs.set_len(&id.path.join(BLOCK_IMAGE)?, want).await?;
+                inst.fs
+                    .set_len(&id.path.join(BLOCK_IMAGE)?, want)
+                    .await
+                    .map_err(capacity_out_of_range)?;
             }
             meta.capacity = want;
             Self::write_json(&inst.fs, &Self::meta_path(&id.path)?, &meta).await?;

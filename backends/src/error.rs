@@ -72,6 +72,9 @@ impl Error {
             | BrokenPipe | HostUnreachable | NetworkUnreachable => {
                 Error::Unavailable(format!("{path}: {source}"))
             }
+            // EFBIG: the size asked for is beyond what the filesystem can hold, which CSI
+            // callers must see as OUT_OF_RANGE, not as an internal fault.
+            FileTooLarge => Error::OutOfRange(format!("{path}: {source}")),
             _ => Error::Io {
                 context: path.to_string(),
                 source,

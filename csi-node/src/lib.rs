@@ -1,7 +1,14 @@
 //! The Stowage CSI node plugin: Identity and Node for one backend. Stages volumes (network
 //! mounts, FUSE, bind mounts, loop or mapped block devices) and publishes them into pods.
+//!
+//! Besides CSI it does what sidecars do for other drivers: it registers itself with the
+//! kubelet ([`registration`]) and answers the DaemonSet's liveness probe ([`health`]). Every
+//! path a node call touches must lie under the kubelet directory ([`paths`]).
 
+pub mod health;
 pub mod node;
+pub mod paths;
+pub mod registration;
 
 use std::sync::Arc;
 
@@ -16,6 +23,7 @@ pub fn routes(
     node_id: String,
     max_volumes: i64,
     group_snapshots: bool,
+    paths: paths::PathPolicy,
 ) -> Routes {
     let identity =
         IdentityService::new(backend.driver_name(), true).with_group_controller(group_snapshots);
@@ -23,5 +31,6 @@ pub fn routes(
         backend,
         node_id,
         max_volumes,
+        paths,
     )))
 }

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Parser;
 use stowage_csi::endpoint::Endpoint;
+use stowage_node::health::Health;
+use stowage_node::registration::{Registration, Tracker};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Stowage CSI node plugin (Identity + Node)")]
@@ -29,6 +31,22 @@ struct Args {
     /// (a hung NFS server must not hold node calls hostage).
     #[arg(long, env = "STOWAGE_MOUNT_TIMEOUT_SECS", default_value_t = 60)]
     mount_timeout_secs: u64,
+    /// The kubelet's root directory as this process sees it. Every staging and target path of
+    /// a node call must lie below it; the registration socket goes in its plugins_registry/.
+    #[arg(long, env = "KUBELET_ROOT", default_value = "/var/lib/kubelet")]
+    kubelet_root: PathBuf,
+    /// Register with the kubelet through <kubelet-root>/plugins_registry/ (no
+    /// node-driver-registrar sidecar needed). Off for COs that are not Kubernetes.
+    #[arg(long, env = "STOWAGE_KUBELET_REGISTRATION", default_value_t = true, action = clap::ArgAction::Set)]
+    kubelet_registration: bool,
+    /// The CSI socket path the kubelet should dial, as a path on the kubelet's host (in a
+    /// DaemonSet it differs from --endpoint). Default: the --endpoint socket path.
+    #[arg(long, env = "STOWAGE_KUBELET_REGISTRATION_PATH")]
+    kubelet_registration_path: Option<String>,
+    /// Serve GET /healthz here (e.g. 0.0.0.0:9808) for a livenessProbe: 200 when the CSI
+    /// socket answers Probe and kubelet registration succeeded.
+    #[arg(long, env = "STOWAGE_HEALTH_ADDRESS")]
+    health_address: Option<std::net::SocketAddr>,
     /// Log format: text or json.
     #[arg(long, env = "STOWAGE_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -61,18 +79,77 @@ async fn main() -> anyhow::Result<()> {
             topology: backend.topology(&args.node_id),
         },
     );
-    tracing::info!(driver = backend.driver_name(), node_id = %args.node_id, %endpoint, "stowage-node serving");
-    stowage_csi::serve::serve(
-        &endpoint,
-        stowage_node::routes(
-            backend,
-            args.node_id,
-            args.max_volumes,
-            config.offers_snapshots(),
-        ),
-        stowage_csi::serve::shutdown_signal(),
-    )
-    .await?;
+    let paths = stowage_node::paths::PathPolicy::new(&args.kubelet_root)
+        .map_err(|e| anyhow::anyhow!("--kubelet-root: {e}"))?;
+    let driver = backend.driver_name().to_string();
+    let registration = if args.kubelet_registration {
+        let csi_endpoint = match (&args.kubelet_registration_path, &endpoint) {
+            (Some(p), _) => p.clone(),
+            (None, Endpoint::Unix(p)) => p.to_string_lossy().into_owned(),
+            (None, Endpoint::Tcp { .. }) => anyhow::bail!(
+                "--kubelet-registration-path is required when --endpoint is not a unix socket"
+            ),
+        };
+        Some(Registration {
+            socket: Registration::socket_for(&args.kubelet_root, &driver),
+            driver: driver.clone(),
+            csi_endpoint,
+        })
+    } else {
+        None
+    };
+
+    // One shutdown for every server: SIGTERM stops CSI, registration and health together.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        stowage_csi::serve::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    // The CSI socket exists before the kubelet can hear of it: bind first, then register.
+    let listener = stowage_csi::serve::Listener::bind(&endpoint).await?;
+    let mut registrations = Vec::new();
+    if let Some(r) = registration {
+        let tracker = Tracker::default();
+        registrations.push((driver.clone(), tracker.clone()));
+        tokio::spawn(r.run(tracker, stop_rx.clone()));
+    }
+    if let Some(addr) = args.health_address {
+        let health = Health {
+            csi: listener.local_endpoint(),
+            registrations,
+        };
+        // Bound here so a taken probe port stops the start with a clear error instead of
+        // a DaemonSet restarted forever by a failing probe.
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--health-address {addr}"))?;
+        let rx = stop_rx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = health.serve(l, rx).await {
+                tracing::error!(error = %e, "/healthz server failed");
+            }
+        });
+    }
+    tracing::info!(driver = %driver, node_id = %args.node_id, %endpoint, kubelet_root = %args.kubelet_root.display(), "stowage-node serving");
+    let mut rx = stop_rx;
+    listener
+        .serve(
+            stowage_node::routes(
+                backend,
+                args.node_id,
+                args.max_volumes,
+                config.offers_snapshots(),
+                paths,
+            ),
+            async move {
+                while !*rx.borrow() {
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            },
+        )
+        .await?;
     tracing::info!("stowage-node stopped");
     Ok(())
 }

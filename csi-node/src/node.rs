@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::paths::PathPolicy;
 use stowage_backends::locks::KeyLocks;
 use stowage_backends::mount;
 use stowage_backends::types::AccessMode;
@@ -19,17 +20,46 @@ pub struct NodeService {
     backend: Arc<dyn NodeBackend>,
     node_id: String,
     max_volumes: i64,
+    paths: PathPolicy,
     locks: KeyLocks,
 }
 
 impl NodeService {
-    pub fn new(backend: Arc<dyn NodeBackend>, node_id: String, max_volumes: i64) -> Self {
+    pub fn new(
+        backend: Arc<dyn NodeBackend>,
+        node_id: String,
+        max_volumes: i64,
+        paths: PathPolicy,
+    ) -> Self {
         NodeService {
             backend,
             node_id,
             max_volumes,
+            paths,
             locks: KeyLocks::default(),
         }
+    }
+
+    /// A path the call will mount on, create or remove: well-formed and inside the node's
+    /// volume directory.
+    fn owned_path(&self, field: &'static str, p: &str) -> Result<PathBuf, Status> {
+        let path = path_field(field, p)?;
+        self.paths.confine(field, &path)?;
+        Ok(path)
+    }
+
+    /// A path that must name a mounted volume: outside the node's volume directory it names
+    /// none (NOT_FOUND, which is what the spec lists for a path with no volume).
+    fn volume_path(&self, field: &'static str, p: &str) -> Result<PathBuf, Status> {
+        let path = existing_path_field(field, p)?;
+        if !self.paths.contains(&path) {
+            return Err(Status::not_found(format!(
+                "{field} {p:?} is not a volume path on this node (outside {})",
+                self.paths.root().display()
+            )));
+        }
+        self.paths.confine(field, &path)?;
+        Ok(path)
     }
 }
 
@@ -102,7 +132,7 @@ impl v1::node_server::Node for NodeService {
         Span::current().record("volume_id", r.volume_id.as_str());
         tracing::debug!(request = %r.redacted(), "NodeStageVolume");
         require("volume_id", &r.volume_id)?;
-        let staging_path = path_field("staging_target_path", &r.staging_target_path)?;
+        let staging_path = self.owned_path("staging_target_path", &r.staging_target_path)?;
         let cap = r
             .volume_capability
             .as_ref()
@@ -139,7 +169,7 @@ impl v1::node_server::Node for NodeService {
         let r = req.into_inner();
         Span::current().record("volume_id", r.volume_id.as_str());
         require("volume_id", &r.volume_id)?;
-        let staging_path = path_field("staging_target_path", &r.staging_target_path)?;
+        let staging_path = self.owned_path("staging_target_path", &r.staging_target_path)?;
         let _g = self.locks.lock(&r.volume_id).await;
         self.backend.unstage(&r.volume_id, &staging_path).await?;
         tracing::info!("volume unstaged");
@@ -154,13 +184,13 @@ impl v1::node_server::Node for NodeService {
         Span::current().record("volume_id", r.volume_id.as_str());
         tracing::debug!(request = %r.redacted(), "NodePublishVolume");
         require("volume_id", &r.volume_id)?;
-        let target_path = path_field("target_path", &r.target_path)?;
+        let target_path = self.owned_path("target_path", &r.target_path)?;
         let cap = r
             .volume_capability
             .as_ref()
             .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
         let capability = convert::capability("volume_capability", cap)?;
-        let staging_path = path_field("staging_target_path", &r.staging_target_path)?;
+        let staging_path = self.owned_path("staging_target_path", &r.staging_target_path)?;
         volume_id_field(&r.volume_id)?;
         let _g = self.locks.lock(&r.volume_id).await;
         if capability.access_mode == AccessMode::SingleNodeSingleWriter {
@@ -200,7 +230,7 @@ impl v1::node_server::Node for NodeService {
         let r = req.into_inner();
         Span::current().record("volume_id", r.volume_id.as_str());
         require("volume_id", &r.volume_id)?;
-        let target_path = path_field("target_path", &r.target_path)?;
+        let target_path = self.owned_path("target_path", &r.target_path)?;
         let _g = self.locks.lock(&r.volume_id).await;
         self.backend.unpublish(&r.volume_id, &target_path).await?;
         tracing::info!(target = %r.target_path, "volume unpublished");
@@ -214,7 +244,7 @@ impl v1::node_server::Node for NodeService {
         let r = req.into_inner();
         Span::current().record("volume_id", r.volume_id.as_str());
         require("volume_id", &r.volume_id)?;
-        let path = existing_path_field("volume_path", &r.volume_path)?;
+        let path = self.volume_path("volume_path", &r.volume_path)?;
         volume_id_field(&r.volume_id)?;
         let stats = self.backend.stats(&r.volume_id, &path).await?;
         use v1::volume_usage::Unit;
@@ -258,7 +288,7 @@ impl v1::node_server::Node for NodeService {
         let r = req.into_inner();
         Span::current().record("volume_id", r.volume_id.as_str());
         require("volume_id", &r.volume_id)?;
-        let path = existing_path_field("volume_path", &r.volume_path)?;
+        let path = self.volume_path("volume_path", &r.volume_path)?;
         volume_id_field(&r.volume_id)?;
         if matches!(mount::probe(&path).await, mount::Probe::Missing) {
             return Err(Status::not_found(format!(

@@ -27,7 +27,13 @@ pub fn capability(field: &'static str, c: &v1::VolumeCapability) -> Result<Capab
         Some(v1::volume_capability::AccessType::Block(_)) => AccessType::Block,
         Some(v1::volume_capability::AccessType::Mount(m)) => AccessType::Mount {
             fs_type: m.fs_type.clone(),
-            mount_flags: m.mount_flags.clone(),
+            // Mount flags come from StorageClasses and PVs, i.e. from users: checked once
+            // here for every RPC, split into single options.
+            mount_flags: stowage_backends::mount::options::check(
+                mount_flags_field(field),
+                &m.mount_flags,
+            )
+            .map_err(Status::from)?,
             volume_mount_group: m.volume_mount_group.clone(),
         },
         None => {
@@ -59,6 +65,15 @@ pub fn capability(field: &'static str, c: &v1::VolumeCapability) -> Result<Capab
         access_type,
         access_mode,
     })
+}
+
+/// The error field for mount flags of the capability named `field` (static strings only).
+fn mount_flags_field(field: &'static str) -> &'static str {
+    match field {
+        "volume_capability" => "volume_capability.mount.mount_flags",
+        "volume_capabilities" => "volume_capabilities.mount.mount_flags",
+        _ => "mount_flags",
+    }
 }
 
 /// A non-empty list of capabilities.

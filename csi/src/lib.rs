@@ -10,6 +10,8 @@
 //!   published Rust crates trail the spec by years.
 //! * [`stowage_v1`]: Stowage's own admin API (`RecycleVolume`,
 //!   `GetVolumeDetails`), served next to CSI and called only by Stowage tools.
+//! * [`pluginregistration`]: the kubelet's plugin-registration API, which
+//!   `stowage-node` serves so no node-driver-registrar sidecar is needed.
 //! * [`endpoint`], [`mod@serve`], [`client`]: parsing `--endpoint`/`CSI_ENDPOINT`,
 //!   serving on a unix socket (or TCP, for a node plugin inside a test VM)
 //!   with graceful shutdown and per-request tracing spans, and connecting to one.
@@ -38,6 +40,13 @@ pub mod v1 {
 #[allow(clippy::all, missing_docs, rustdoc::all)]
 pub mod stowage_v1 {
     tonic::include_proto!("stowage.v1");
+}
+
+/// The kubelet plugin-registration API (`pluginregistration`, v1), generated from
+/// `proto/pluginregistration.proto`.
+#[allow(clippy::all, missing_docs, rustdoc::all)]
+pub mod pluginregistration {
+    tonic::include_proto!("pluginregistration");
 }
 
 pub use client::{ClientError, connect};

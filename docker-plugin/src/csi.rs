@@ -19,9 +19,10 @@ pub fn routes(
     node: Arc<dyn NodeBackend>,
     node_id: String,
     max_volumes: i64,
+    paths: stowage_node::paths::PathPolicy,
 ) -> Routes {
     stowage_controller::routes(controller).add_service(NodeServer::new(
-        stowage_node::node::NodeService::new(node, node_id, max_volumes),
+        stowage_node::node::NodeService::new(node, node_id, max_volumes, paths),
     ))
 }
 

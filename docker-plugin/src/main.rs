@@ -105,6 +105,10 @@ struct CsiArgs {
     /// Seconds a mount command (mount.nfs, a FUSE helper...) may take before it is killed.
     #[arg(long, env = "STOWAGE_MOUNT_TIMEOUT_SECS", default_value_t = 60)]
     mount_timeout_secs: u64,
+    /// The directory Swarm's staging and target paths lie under (the plugin's `/data`, whose
+    /// `published/` is the propagatedMount); node calls naming paths elsewhere are refused.
+    #[arg(long, env = "STOWAGE_VOLUME_ROOT", default_value = "/data")]
+    volume_root: PathBuf,
 }
 
 fn hostname() -> anyhow::Result<String> {
@@ -191,6 +195,8 @@ async fn csi(args: CsiArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.max_volumes >= 0, "--max-volumes must not be negative");
     set_mount_timeout(args.mount_timeout_secs)?;
     let endpoint = Endpoint::parse(&args.endpoint).context("--endpoint")?;
+    let paths = stowage_node::paths::PathPolicy::new(&args.volume_root)
+        .map_err(|e| anyhow::anyhow!("--volume-root: {e}"))?;
     let config = stowage_backends::Config::load(&args.config)?;
     let controller = stowage_backends::build_controller(&config)
         .await
@@ -208,7 +214,7 @@ async fn csi(args: CsiArgs) -> anyhow::Result<()> {
     tracing::info!(driver = controller.driver_name(), %node_id, %endpoint, "stowage-docker csi serving");
     stowage_csi::serve::serve(
         &endpoint,
-        stowage_docker::csi::routes(controller, node, node_id, args.max_volumes),
+        stowage_docker::csi::routes(controller, node, node_id, args.max_volumes, paths),
         stowage_csi::serve::shutdown_signal(),
     )
     .await?;

@@ -226,7 +226,11 @@ fn parse_mount_options(s: &str) -> Result<Vec<String>, DriverError> {
             format!("{bad:?} is not a mount option"),
         ));
     }
-    Ok(opts)
+    // The same options are refused here as over CSI (suid, dev, helpers that run programs).
+    stowage_backends::mount::options::check(MOUNT_OPTIONS, &opts).map_err(|e| match e {
+        stowage_backends::Error::InvalidArgument { reason, .. } => invalid(MOUNT_OPTIONS, reason),
+        other => invalid(MOUNT_OPTIONS, other.to_string()),
+    })
 }
 
 pub fn access_mode_name(m: AccessMode) -> &'static str {

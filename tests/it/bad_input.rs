@@ -420,10 +420,11 @@ async fn node_refuses_malformed_requests() {
     let cfg = local_config(dir.path(), &base).unwrap();
     let mut node = Plugin::node(dir.path(), &cfg, "n1").unwrap();
     let mut n = node_client(node.ready().await.unwrap());
+    let d = |p: &str| dir.path().join(p).to_string_lossy().into_owned();
     let stage = |f: &dyn Fn(&mut v1::NodeStageVolumeRequest)| {
         let mut r = v1::NodeStageVolumeRequest {
             volume_id: "default/v".into(),
-            staging_target_path: "/tmp/stowage-bad-input-staging".into(),
+            staging_target_path: d("staging"),
             volume_capability: Some(wire::rwo()),
             ..Default::default()
         };
@@ -456,6 +457,24 @@ async fn node_refuses_malformed_requests() {
             "staging_target_path",
         ),
         (
+            "staging path outside the kubelet root",
+            stage(&|r| r.staging_target_path = "/tmp/stowage-bad-input-staging".into()),
+            Code::InvalidArgument,
+            "outside",
+        ),
+        (
+            "suid smuggled in a mount flag",
+            stage(&|r| {
+                let mut cap = wire::rwo();
+                if let Some(v1::volume_capability::AccessType::Mount(m)) = &mut cap.access_type {
+                    m.mount_flags = vec!["noatime".into(), "ro,suid".into()];
+                }
+                r.volume_capability = Some(cap);
+            }),
+            Code::InvalidArgument,
+            "mount_flags",
+        ),
+        (
             "no capability",
             stage(&|r| r.volume_capability = None),
             Code::InvalidArgument,
@@ -486,7 +505,7 @@ async fn node_refuses_malformed_requests() {
         "publish no target",
         n.node_publish_volume(v1::NodePublishVolumeRequest {
             volume_id: "default/v".into(),
-            staging_target_path: "/tmp/s".into(),
+            staging_target_path: d("s"),
             volume_capability: Some(wire::rwo()),
             ..Default::default()
         })
@@ -498,8 +517,8 @@ async fn node_refuses_malformed_requests() {
         "publish no capability",
         n.node_publish_volume(v1::NodePublishVolumeRequest {
             volume_id: "default/v".into(),
-            staging_target_path: "/tmp/s".into(),
-            target_path: "/tmp/t".into(),
+            staging_target_path: d("s"),
+            target_path: d("t"),
             ..Default::default()
         })
         .await,
@@ -510,14 +529,27 @@ async fn node_refuses_malformed_requests() {
         "publish not staged",
         n.node_publish_volume(v1::NodePublishVolumeRequest {
             volume_id: "default/v".into(),
-            staging_target_path: "/tmp/stowage-not-staged".into(),
-            target_path: "/tmp/stowage-t".into(),
+            staging_target_path: d("not-staged"),
+            target_path: d("t"),
             volume_capability: Some(wire::rwo()),
             ..Default::default()
         })
         .await,
         Code::FailedPrecondition,
         "not staged",
+    );
+    expect(
+        "publish target outside the kubelet root",
+        n.node_publish_volume(v1::NodePublishVolumeRequest {
+            volume_id: "default/v".into(),
+            staging_target_path: d("not-staged"),
+            target_path: "/tmp/stowage-bad-input-t".into(),
+            volume_capability: Some(wire::rwo()),
+            ..Default::default()
+        })
+        .await,
+        Code::InvalidArgument,
+        "target_path",
     );
     expect(
         "unpublish no target",
@@ -551,4 +583,153 @@ async fn node_refuses_malformed_requests() {
         "volume_path",
     );
     assert!(node.child.try_wait().unwrap().is_none(), "node plugin died");
+}
+
+/// NodeUnpublish and NodeUnstage only ever remove what the node plugin made: a path outside the
+/// kubelet root, a path through a symlink, a directory or file holding data are refused and
+/// left exactly as they were, whatever the volume ID says.
+#[tokio::test]
+async fn node_unpublish_never_deletes_what_it_did_not_make() {
+    let outside = tempfile::tempdir().unwrap();
+    let precious = outside.path().join("precious");
+    std::fs::write(&precious, b"keep me").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let cfg = local_config(dir.path(), &base).unwrap();
+    let mut node = Plugin::node(dir.path(), &cfg, "n1").unwrap();
+    let mut n = node_client(node.ready().await.unwrap());
+    let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
+
+    let pods = dir.path().join("pods");
+    let full_dir = pods.join("full-dir");
+    std::fs::create_dir_all(&full_dir).unwrap();
+    std::fs::write(full_dir.join("data"), b"data").unwrap();
+    let full_file = pods.join("full-file");
+    std::fs::write(&full_file, b"data").unwrap();
+    let link = pods.join("link");
+    std::os::unix::fs::symlink(outside.path(), &link).unwrap();
+    let empty = pods.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+
+    for (name, volume_id, target, code, needle) in [
+        (
+            "file outside the root",
+            "default/v",
+            s(&precious),
+            Code::InvalidArgument,
+            "outside",
+        ),
+        (
+            "not a Stowage volume ID",
+            "not-stowage",
+            s(&precious),
+            Code::InvalidArgument,
+            "outside",
+        ),
+        (
+            "directory outside the root",
+            "default/v",
+            s(outside.path()),
+            Code::InvalidArgument,
+            "outside",
+        ),
+        (
+            "symlink below the root",
+            "default/v",
+            s(&link),
+            Code::InvalidArgument,
+            "symbolic link",
+        ),
+        (
+            "through a symlink",
+            "default/v",
+            s(&link.join("precious")),
+            Code::InvalidArgument,
+            "symbolic link",
+        ),
+        (
+            "directory with data",
+            "default/v",
+            s(&full_dir),
+            Code::FailedPrecondition,
+            "full-dir",
+        ),
+        (
+            "file with data",
+            "default/v",
+            s(&full_file),
+            Code::FailedPrecondition,
+            "full-file",
+        ),
+    ] {
+        expect(
+            name,
+            n.node_unpublish_volume(v1::NodeUnpublishVolumeRequest {
+                volume_id: volume_id.into(),
+                target_path: target.clone(),
+            })
+            .await,
+            code,
+            needle,
+        );
+    }
+    expect(
+        "unstage outside the root",
+        n.node_unstage_volume(v1::NodeUnstageVolumeRequest {
+            volume_id: "default/v".into(),
+            staging_target_path: s(outside.path()),
+        })
+        .await,
+        Code::InvalidArgument,
+        "outside",
+    );
+    assert_eq!(std::fs::read(&precious).unwrap(), b"keep me");
+    assert_eq!(std::fs::read(full_dir.join("data")).unwrap(), b"data");
+    assert_eq!(std::fs::read(&full_file).unwrap(), b"data");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+
+    // What the plugin would have made itself (an empty mount point) goes, and a repeat is Ok.
+    for _ in 0..2 {
+        n.node_unpublish_volume(v1::NodeUnpublishVolumeRequest {
+            volume_id: "default/v".into(),
+            target_path: s(&empty),
+        })
+        .await
+        .unwrap();
+    }
+    assert!(!empty.exists());
+    assert!(node.child.try_wait().unwrap().is_none(), "node plugin died");
+}
+
+/// A raw block volume larger than any file the base filesystem can hold is OUT_OF_RANGE, with
+/// the field named, not INTERNAL "File too large"; nothing is left behind.
+#[tokio::test]
+async fn huge_block_volume_is_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let cfg = local_config(dir.path(), &base).unwrap();
+    let mut ctl = Plugin::controller(dir.path(), &cfg).unwrap();
+    let mut c = controller_clients(ctl.ready().await.unwrap()).controller;
+    for (name, bytes) in [("four-eib", 4i64 << 60), ("eight-eib", i64::MAX)] {
+        let mut req = wire::create(name, bytes);
+        req.volume_capabilities = vec![wire::block_cap(Mode::SingleNodeWriter)];
+        expect(
+            name,
+            c.create_volume(req).await,
+            Code::OutOfRange,
+            "capacity_range",
+        );
+    }
+    let listed = c
+        .list_volumes(v1::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.entries.is_empty(), "{listed:?}");
+    assert!(ctl.child.try_wait().unwrap().is_none(), "controller died");
 }

@@ -563,6 +563,9 @@ async fn controller_publish_enforces_single_node_access_and_node_limits() {
             "node-2",
             "--max-volumes",
             "1",
+            "--kubelet-root",
+            &e.dir.path().to_string_lossy(),
+            "--kubelet-registration=false",
         ],
     )
     .unwrap();

@@ -336,7 +336,7 @@ async fn second_node_is_refused_at_publish_and_at_stage() {
     r.nodes[0].0.kill();
     let nd = r.path("node-0");
     let ncfg = nd.join("node.yaml");
-    let mut p = stowage_tests::Plugin::node(&nd, &ncfg, "node-0").unwrap();
+    let mut p = stowage_tests::Plugin::node_with_root(&nd, &r.path(""), &ncfg, "node-0").unwrap();
     r.nodes[0].1 = stowage_tests::node_client(p.ready().await.unwrap());
     r.nodes[0].0 = p;
     assert_eq!(

@@ -101,7 +101,8 @@ impl Rbd {
             let nd = dir.path().join(format!("node-{i}"));
             std::fs::create_dir_all(&nd).unwrap();
             let ncfg = config(&env, &nd, "node", extra);
-            let mut p = Plugin::node(&nd, &ncfg, &format!("node-{i}")).unwrap();
+            let mut p =
+                Plugin::node_with_root(&nd, dir.path(), &ncfg, &format!("node-{i}")).unwrap();
             let n = node_client(p.ready().await.unwrap());
             wait_registered(&p.log, &format!("node-{i}"));
             out.push((p, n));

@@ -19,7 +19,7 @@ trap cleanup EXIT
 printf 'backend: local\ninstances:\n  default:\n    baseDir: %s/base\n' "$work" > "$work/config.yaml"
 printf 'onDelete: delete\n' > "$work/mutable.yaml"
 "$bin/stowage-docker" csi --endpoint "unix://$work/csi.sock" --config "$work/config.yaml" \
-  --node-id swarm-node --max-volumes 12 > "$work/plugin.log" 2>&1 & pid=$!
+  --node-id swarm-node --max-volumes 12 --volume-root "$work" > "$work/plugin.log" 2>&1 & pid=$!
 for _ in $(seq 100); do [ -S "$work/csi.sock" ] && break; sleep 0.1; done
 # The node registers itself with the backend in the background; ControllerPublish needs it.
 for _ in $(seq 100); do grep -q "node registered" "$work/plugin.log" && break; sleep 0.1; done

@@ -18,7 +18,7 @@ trap cleanup EXIT
 printf 'backend: local\ninstances:\n  default:\n    baseDir: %s/base\n' "$work" > "$work/config.yaml"
 printf 'onDelete: delete\n' > "$work/mutable.yaml"
 "$bin/stowage-controller" --endpoint "unix://$work/controller.sock" --config "$work/config.yaml" > "$work/controller.log" 2>&1 & pids+=($!)
-"$bin/stowage-node" --endpoint "unix://$work/node.sock" --config "$work/config.yaml" --node-id sanity-node --max-volumes 12 > "$work/node.log" 2>&1 & pids+=($!)
+"$bin/stowage-node" --endpoint "unix://$work/node.sock" --config "$work/config.yaml" --node-id sanity-node --max-volumes 12 --kubelet-root "$work" > "$work/node.log" 2>&1 & pids+=($!)
 for _ in $(seq 100); do [ -S "$work/controller.sock" ] && [ -S "$work/node.sock" ] && break; sleep 0.1; done
 rc=0
 timeout 900 "$sanity" \

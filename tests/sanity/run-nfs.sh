@@ -48,7 +48,7 @@ printf 'onDelete: delete\n' > "$work/mutable.yaml"
 "$bin/stowage-controller" --endpoint "unix://$work/controller.sock" --config "$work/config.yaml" > "$work/controller.log" 2>&1 & pids+=($!)
 mkdir -p "$work/mnt" "$work/staging"
 eval "$("$infra/node-vm.sh" start --state "$work/vm" --port 0 --share "$work" --env RUST_LOG=info -- \
-  "$bin/stowage-node" --endpoint 'tcp://0.0.0.0:{PORT}' --node-id vm-node --max-volumes 12 --config "$work/config.yaml")"
+  "$bin/stowage-node" --endpoint 'tcp://0.0.0.0:{PORT}' --node-id vm-node --max-volumes 12 --kubelet-root "$work" --kubelet-registration=false --config "$work/config.yaml")"
 echo "node VM ready in ${NODE_VM_READY_SECONDS}s at $NODE_VM_ENDPOINT; NFS server $server, vers=$vers"
 for _ in $(seq 100); do [ -S "$work/controller.sock" ] && break; sleep 0.1; done
 rc=0

@@ -61,7 +61,7 @@ chmod 600 "$work/secrets.yaml"
 printf 'qosIopsLimit: "1000"\n' > "$work/mutable.yaml"
 "$bin/stowage-controller" --endpoint "unix://$work/controller.sock" --config "$work/config.yaml" > "$work/controller.log" 2>&1 & pids+=($!)
 "$bin/stowage-node" --endpoint "unix://$work/node.sock" --config "$work/config.yaml" --node-id sanity-node \
-  --max-volumes 3 > "$work/node.log" 2>&1 & pids+=($!)
+  --max-volumes 3 --kubelet-root "$work" > "$work/node.log" 2>&1 & pids+=($!)
 for _ in $(seq 100); do [ -S "$work/controller.sock" ] && [ -S "$work/node.sock" ] && break; sleep 0.1; done
 # The node registers itself with the cluster (ID and attach limit) in the background.
 for _ in $(seq 300); do grep -q "node registered with the backend" "$work/node.log" && break; sleep 0.1; done

@@ -62,14 +62,33 @@ impl Plugin {
         )
     }
 
-    /// Starts `stowage-node` on a unix socket in `dir`.
+    /// Starts `stowage-node` on a unix socket in `dir`, with `dir` as its kubelet root (so
+    /// staging and target paths must lie under `dir`; the registration socket goes in
+    /// `dir/plugins_registry/`).
     pub fn node(dir: &Path, config: &Path, node_id: &str) -> Result<Plugin> {
+        Self::node_with_root(dir, dir, config, node_id)
+    }
+
+    /// Like [`Plugin::node`] with another kubelet root (several node plugins sharing one test
+    /// directory for their paths). Registration is off unless the root is the plugin's own
+    /// directory: two plugins of one driver would fight over one registration socket.
+    pub fn node_with_root(dir: &Path, root: &Path, config: &Path, node_id: &str) -> Result<Plugin> {
         let sock = dir.join("node.sock");
+        let registration = if dir == root { "true" } else { "false" };
         Self::spawn(
             "stowage-node",
             dir,
             &format!("unix://{}", sock.display()),
-            &["--config", &config.to_string_lossy(), "--node-id", node_id],
+            &[
+                "--config",
+                &config.to_string_lossy(),
+                "--node-id",
+                node_id,
+                "--kubelet-root",
+                &root.to_string_lossy(),
+                "--kubelet-registration",
+                registration,
+            ],
         )
     }
 

@@ -21,7 +21,7 @@ printf 'backend: nfs\ninstances:\n  main:\n    server: %s\n    export: /export\n
 mkdir -p "$work/share"
 out=$("$infra/node-vm.sh" start --state "$work/vm" --port 0 --share "$work/share" --env RUST_LOG=info -- \
   "$STOWAGE_BIN_DIR/stowage-node" --endpoint 'tcp://0.0.0.0:{PORT}' --node-id vm-node \
-  --mount-timeout-secs 8 --config "$work/node.yaml") || { tail -n 30 "$work/vm/console.log" 2>/dev/null; fail "node VM did not start"; }
+  --mount-timeout-secs 8 --kubelet-root "$work/share" --kubelet-registration=false --config "$work/node.yaml") || { tail -n 30 "$work/vm/console.log" 2>/dev/null; fail "node VM did not start"; }
 eval "$out"
 export STOWAGE_NODE_VM_ENDPOINT=$NODE_VM_ENDPOINT STOWAGE_NODE_VM_STATE=$work/vm STOWAGE_NODE_VM_SHARE=$work/share
 export STOWAGE_NFS_GUEST_SERVER STOWAGE_REQUIRE_NODE_VM=1

@@ -29,7 +29,7 @@ if [ "${1:-}" = --krbd-vm ]; then
   mkdir -p "$work/share"
   out=$("$infra/node-vm.sh" start --state "$work/vm" --port 0 --share "$work/share" --env RUST_LOG=info -- \
     "$STOWAGE_BIN_DIR/stowage-node" --endpoint 'tcp://0.0.0.0:{PORT}' --node-id vm-node \
-    --config "$work/vm-node.yaml") || { tail -n 30 "$work/vm/console.log" 2>/dev/null; echo "node VM did not start"; echo "0 passed, 1 failed"; exit 1; }
+    --kubelet-root "$work/share" --kubelet-registration=false --config "$work/vm-node.yaml") || { tail -n 30 "$work/vm/console.log" 2>/dev/null; echo "node VM did not start"; echo "0 passed, 1 failed"; exit 1; }
   eval "$out"
   export STOWAGE_NODE_VM_ENDPOINT=$NODE_VM_ENDPOINT STOWAGE_NODE_VM_STATE=$work/vm \
     STOWAGE_NODE_VM_SHARE=$work/share STOWAGE_NODE_VM_SH=$infra/node-vm.sh STOWAGE_REQUIRE_NODE_VM=1 \

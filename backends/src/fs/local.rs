@@ -185,6 +185,13 @@ impl Fs for LocalFs {
 
     async fn set_len(&self, path: &RelPath, len: u64) -> Result<()> {
         let p = self.host_path(path);
+        // off_t is signed: a length past i64::MAX is no size any file can have.
+        if i64::try_from(len).is_err() {
+            return Err(Error::OutOfRange(format!(
+                "{}: {len} bytes is more than any file can hold",
+                p.display()
+            )));
+        }
         let f = tokio::fs::OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_NOFOLLOW)

@@ -6,6 +6,7 @@
 //! (mount.nfs, mount.glusterfs, FUSE helpers) and applies `-o ro` to bind mounts correctly.
 
 pub mod mountinfo;
+pub mod options;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -197,22 +198,47 @@ pub async fn unpublish(target: &Path) -> Result<()> {
     remove_mount_point(target).await
 }
 
+/// Removes a mount point Stowage made: an empty directory (filesystem volumes) or an empty
+/// regular file (the bind target of a block volume). Anything else at that path (a directory
+/// with contents, a file with data, a symlink, a device) was not made by Stowage or still holds
+/// data: it is left untouched and the call fails with FailedPrecondition naming the path, so a
+/// wrong or hostile path can never make the node plugin delete what it does not own.
 pub async fn remove_mount_point(p: &Path) -> Result<()> {
-    match tokio::fs::symlink_metadata(p).await {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io(format!("inspecting {}", p.display()), e)),
-        Ok(md) if md.is_dir() => match tokio::fs::remove_dir(p).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io(format!("removing {}", p.display()), e)),
-        },
-        Ok(_) => tokio::fs::remove_file(p).await.or_else(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                Ok(())
-            } else {
-                Err(Error::io(format!("removing {}", p.display()), e))
-            }
-        }),
+    let md = match tokio::fs::symlink_metadata(p).await {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("inspecting {}", p.display()), e)),
+        Ok(md) => md,
+    };
+    let refuse = |what: &str| {
+        Err(Error::FailedPrecondition(format!(
+            "{} is {what}, not a mount point Stowage made; left untouched",
+            p.display()
+        )))
+    };
+    let gone_ok = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            Ok(())
+        } else if e.kind() == std::io::ErrorKind::DirectoryNotEmpty {
+            Err(Error::FailedPrecondition(format!(
+                "{} is a directory that is not empty and not a mount; left untouched",
+                p.display()
+            )))
+        } else {
+            Err(Error::io(format!("removing {}", p.display()), e))
+        }
+    };
+    let ft = md.file_type();
+    if ft.is_dir() {
+        // rmdir(2) only ever removes an empty directory: the check and the removal are one.
+        tokio::fs::remove_dir(p).await.or_else(gone_ok)
+    } else if ft.is_symlink() {
+        refuse("a symbolic link")
+    } else if !ft.is_file() {
+        refuse("a special file")
+    } else if md.len() > 0 {
+        refuse("a file holding data")
+    } else {
+        tokio::fs::remove_file(p).await.or_else(gone_ok)
     }
 }
 
