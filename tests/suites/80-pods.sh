@@ -165,8 +165,13 @@ mkdir -p "$plugdir" "$KUBELET_ROOT/plugins_registry"
 builtin_reg=0
 "$work/bin/stowage-node" --help 2>&1 | grep -q -- '--kubelet-root' && builtin_reg=1
 node_args=(--endpoint "unix://$csi_sock" --config "$work/local.yaml" --node-id "$KUBELET_NODE_NAME")
+health_port=""
 if [ "$builtin_reg" = 1 ]; then
   node_args+=(--kubelet-root "$KUBELET_ROOT" --kubelet-registration-path "$csi_sock")
+  if "$work/bin/stowage-node" --help 2>&1 | grep -q -- '--health-address'; then
+    health_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    node_args+=(--health-address "127.0.0.1:$health_port")
+  fi
 fi
 start_node() {
   setsid "$work/bin/stowage-node" "${node_args[@]}" </dev/null >>"$work/stowage-node.log" 2>&1 &
@@ -407,6 +412,14 @@ EOF
   detail="claim, PV $pv and backend volume gone with the pod"
 }
 
+healthy() { [ -n "$health_port" ] && [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "http://127.0.0.1:$health_port/healthz")" = 200 ]; }
+s_healthz() {
+  [ "$builtin_reg" = 1 ] || { why="stowage-node has no --kubelet-root (built-in kubelet registration not there)"; return 1; }
+  [ -n "$health_port" ] || { why="stowage-node has no --health-address"; return 1; }
+  until_ok 30 healthy || { why="/healthz not 200 within 30 s: $(curl -s --max-time 5 "http://127.0.0.1:$health_port/healthz")"; return 1; }
+  detail="200 once registered"
+}
+
 reg_count() { local n; n=$(grep -c "Register new plugin with name: $drv" "$KUBELET_STATE/logs/kubelet.log" 2>/dev/null); echo "${n:-0}"; }
 s_restart() {
   [ "$builtin_reg" = 1 ] || { why="stowage-node has no --kubelet-root (built-in kubelet registration not there)"; return 1; }
@@ -421,6 +434,10 @@ s_restart() {
     { why="kubelet did not register $drv again within 60 s of the restart (kubelet log: $(grep -i 'plugin' "$KUBELET_STATE/logs/kubelet.log" | tail -n 2))"; return 1; }
   until_ok 30 csinode_lists_driver || { why="CSINode lost $drv after the restart"; return 1; }
   detail="re-registered $(secs "$t0" "$(now)")s after restart"
+  if [ -n "$health_port" ]; then
+    until_ok 30 healthy || { why="/healthz not 200 within 30 s of the restart"; return 1; }
+    detail="$detail, /healthz 200 $(secs "$t0" "$(now)")s after"
+  fi
   # And the re-registered driver serves a new pod.
   claim data-after-restart 16Mi
   until_ok 60 bound data-after-restart || { why="claim after restart not Bound"; return 1; }
@@ -583,6 +600,7 @@ EOF
 
 run "emptyDir pod runs, kubectl logs readable" s_emptydir
 run "CSINode lists $drv with node ID (registration)" s_csinode
+run "stowage-node /healthz answers 200 once registered" s_healthz
 run "PVC: write, delete pod, new pod reads bytes back, mount gone" s_persist
 run "readOnly: true mount refuses writes" s_readonly
 run "volumeMode Block: dd write, second pod reads back" s_block
