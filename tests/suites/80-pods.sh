@@ -248,7 +248,8 @@ run() {
   if [ -n "${PODS_ONLY:-}" ] && [[ " $PODS_ONLY " != *" $1 "* ]]; then echo "SKIP: $name (PODS_ONLY)"; return 0; fi
   why="" detail=""
   say "scenario $name"
-  if "$@"; then pass "$name" "${detail:+$detail, }$((SECONDS - t0))s"; else fail "$name" "${why:-failed}"; fi
+  if "$@"; then pass "$name" "${detail:+$detail, }$((SECONDS - t0))s"; return 0; fi
+  fail "$name" "${why:-failed}"
   # Whatever a failed scenario left running must not hold volumes for the next one.
   k -n "$ns" delete statefulsets --all --wait=false >/dev/null 2>&1
   if [ -n "$(k -n "$ns" get pods -o name 2>/dev/null)" ]; then
@@ -593,6 +594,38 @@ EOF
   out=$(timeout 120 /usr/lib/postgresql/15/bin/pg_amcheck --install-missing -h "$pg_ip" -U postgres -d postgres 2>&1) ||
     { why="pg_amcheck: $(echo "$out" | tail -n 3)"; return 1; }
   detail="rows acked $acked, found $found, missing 0, recovery ${rec}s, pg_amcheck clean"
+  pg_next=$(( $(sort -n "$work/pg-found" | tail -n 1) + 1 ))
+}
+
+# The same StatefulSet (left running by s_postgres): pg-0 force-deleted mid-insert; the
+# StatefulSet makes a new pg-0 on the same claim.
+s_postgres_force() {
+  local lpid del_t rec acked found missing uid1 uid2 out
+  [ -n "${pg_next:-}" ] && pg_ready || { why="needs the running StatefulSet of the kill -9 scenario"; return 1; }
+  uid1=$(k -n "$ns" get pod pg-0 -o 'jsonpath={.metadata.uid}')
+  : > "$work/pg-acked2"
+  python3 "$root/tests/pods/pg-load.py" "$pg_ip" "$work/pg-acked2" "$pg_next" >"$work/pg-load2.out" 2>&1 &
+  lpid=$!
+  sleep 4
+  del_t=$(now)
+  k -n "$ns" delete pod pg-0 --force --grace-period=0 >/dev/null 2>&1 || { kill "$lpid"; why="force delete failed"; return 1; }
+  until_ok 30 bash -c "! kill -0 $lpid" || kill "$lpid"
+  wait "$lpid"
+  until_ok 180 bash -c "[ \"\$($KUBECTL -n $ns get pod pg-0 -o 'jsonpath={.metadata.uid}' 2>/dev/null)\" != '$uid1' ]" || { why="no new pg-0 within 180 s"; return 1; }
+  until_ok 180 pg_ready || { why="new pg-0 not ready within 180 s: $(k -n "$ns" logs pg-0 2>&1 | tail -n 3)"; return 1; }
+  uid2=$(k -n "$ns" get pod pg-0 -o 'jsonpath={.metadata.uid}')
+  pg_ip=$(k -n "$ns" get pod pg-0 -o 'jsonpath={.status.podIP}')
+  until_ok 60 psql_ -c 'SELECT 1' || { why="new pg-0 does not answer"; return 1; }
+  rec=$(secs "$del_t" "$(now)")
+  psql_ -c 'SELECT id FROM t ORDER BY id' > "$work/pg-found2" || { why="SELECT on the new pod failed"; return 1; }
+  cat "$work/pg-acked" "$work/pg-acked2" > "$work/pg-acked-all"
+  acked=$(wc -l < "$work/pg-acked-all"); found=$(wc -l < "$work/pg-found2")
+  missing=$(comm -23 <(sort "$work/pg-acked-all") <(sort "$work/pg-found2") | wc -l)
+  say "postgres force delete: $(cat "$work/pg-load2.out"); rows acked (both rounds) $acked, found $found, missing $missing; new pod ready ${rec}s after the delete (pod $uid1 -> $uid2)"
+  [ "$missing" = 0 ] || { why="$missing of $acked acknowledged rows missing after the force delete"; return 1; }
+  out=$(timeout 120 /usr/lib/postgresql/15/bin/pg_amcheck --install-missing -h "$pg_ip" -U postgres -d postgres 2>&1) ||
+    { why="pg_amcheck: $(echo "$out" | tail -n 3)"; return 1; }
+  detail="rows acked $acked, found $found, missing 0, new pod answering ${rec}s after the delete, pg_amcheck clean"
   k -n "$ns" delete statefulset pg --wait=false >/dev/null
   until_ok 90 gone pod pg-0 || { why="pg-0 not deleted"; return 1; }
   k -n "$ns" delete pvc data-pg-0 --wait=false >/dev/null
@@ -611,6 +644,7 @@ run "kubelet_volume_stats_* match what the pod wrote" s_volume_stats
 run "stowage-node SIGKILL + restart: driver re-registered" s_restart
 run "kubelet restart: driver re-registered, running pod keeps its volume" s_kubelet_restart
 run "PostgreSQL StatefulSet: kill -9 mid-insert, every acknowledged row present" s_postgres
+run "PostgreSQL StatefulSet: pod force-deleted mid-insert, new pod has every acknowledged row" s_postgres_force
 
 until_ok 60 no_csi_mounts || fail "no CSI mounts left at the end" "$(csi_mounts | tr '\n' ' ')"
 say "pod start to first write: ${first_write:+${first_write}s}${first_write:-n/a} (claim bound beforehand; kubectl apply to the write seen in the log)"
