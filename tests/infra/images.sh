@@ -123,12 +123,14 @@ cmd_import() {
   (($#)) || set -- pause busybox
   cmd_build "$@" >/dev/null
   local n r
+  # (No `ctr ... | grep -q`: with pipefail, grep's early exit makes ctr's SIGPIPE a failure.)
+  present() { [[ -n "$(timeout 30 ctr -a "$sock" -n k8s.io images ls -q "name==$1" 2>/dev/null)" ]]; }
   for n in "$@"; do
     r="$(ref "$n")"
-    if ctr -a "$sock" -n k8s.io images check "name==$r" 2>/dev/null | grep -q .; then continue; fi
+    if present "$r"; then continue; fi
     timeout 300 ctr -a "$sock" -n k8s.io images import --base-name "${r%:*}" "$IMG_DIR/$n.tar" >/dev/null \
       || die "ctr import of $n failed"
-    ctr -a "$sock" -n k8s.io images check "name==$r" | grep -q . || die "$r not present after import"
+    present "$r" || die "$r not present after import"
     log "imported $r"
   done
 }
