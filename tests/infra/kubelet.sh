@@ -148,12 +148,13 @@ net_up() {
 }
 
 net_down() {
-  local ns
+  local ns addrs
   # Network namespaces of sandboxes kubelet could not tear down: ours hold an address of our
   # pod subnet (containerd names them /run/netns/cni-<uuid>).
   for ns in /run/netns/cni-*; do
     [[ -e "$ns" ]] || continue
-    if ip netns exec "$(basename "$ns")" ip -4 -o addr show 2>/dev/null | grep -q " ${POD_SUBNET%.0/24}\."; then
+    addrs="$(ip netns exec "$(basename "$ns")" ip -4 -o addr show 2>/dev/null || true)"
+    if grep -q " ${POD_SUBNET%.0/24}\." <<<"$addrs"; then
       umount "$ns" 2>/dev/null || umount -l "$ns" 2>/dev/null || true
       rm -f "$ns"
     fi

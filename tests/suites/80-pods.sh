@@ -36,7 +36,7 @@ cleanup() {
   # Loop devices of block volumes, then mounts left under the work dir (deepest first).
   losetup -a 2>/dev/null | grep -F "$work/" | cut -d: -f1 | xargs -r -n1 losetup -d 2>/dev/null
   awk -v p="$work/" 'index($5, p) == 1 {print $5}' /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
-  if awk -v p="$work/" 'index($5, p) == 1' /proc/self/mountinfo | grep -q .; then
+  if [ -n "$(awk -v p="$work/" 'index($5, p) == 1' /proc/self/mountinfo)" ]; then
     echo "mounts left under $work; not removing it"
   else
     rm -rf "$work"
@@ -103,13 +103,14 @@ delete_pod() { # name: graceful delete, bounded wait for the object to go (volum
   k -n "$ns" delete pod "$1" --wait=false >/dev/null 2>&1
   until_ok 90 gone pod "$1" || { why="pod $1 still there 90 s after delete"; return 1; }
 }
-logs_have() { k -n "$ns" logs "$1" 2>/dev/null | grep -q -- "$2"; }
+# (Never `cmd | grep -q` here: with pipefail, grep's early exit turns cmd's SIGPIPE into a failure.)
+logs_have() { local l; l=$(k -n "$ns" logs "$1" 2>/dev/null); grep -q -- "$2" <<<"$l"; }
 # CSI mounts (publish targets, staging globalmounts, block device maps) under kubelet's root.
 csi_mounts() { awk -v p="$KUBELET_ROOT/" 'index($5, p) == 1 && $5 ~ /kubernetes.io[~\/]csi/ {print $5}' /proc/self/mountinfo; }
 no_csi_mounts() { [ -z "$(csi_mounts)" ]; }
 # How often kubelet registered our driver (its csi plugin logs each registration).
 reg_count() { local n; n=$(grep -c "Register new plugin with name: $drv" "$KUBELET_STATE/logs/kubelet.log" 2>/dev/null); echo "${n:-0}"; }
-no_loops() { ! losetup -a 2>/dev/null | grep -qF "$work/local/"; }
+no_loops() { local l; l=$(losetup -a 2>/dev/null); ! grep -qF "$work/local/" <<<"$l"; }
 claim() { # name size [accessMode] [volumeMode]
   cat <<EOF | k -n "$ns" apply -f - >/dev/null
 apiVersion: v1
@@ -165,12 +166,13 @@ plugdir="$KUBELET_ROOT/plugins/$drv"
 csi_sock="$plugdir/csi.sock"
 mkdir -p "$plugdir" "$KUBELET_ROOT/plugins_registry"
 builtin_reg=0
-"$work/bin/stowage-node" --help 2>&1 | grep -q -- '--kubelet-root' && builtin_reg=1
+node_help=$("$work/bin/stowage-node" --help 2>&1)
+grep -q -- '--kubelet-root' <<<"$node_help" && builtin_reg=1
 node_args=(--endpoint "unix://$csi_sock" --config "$work/local.yaml" --node-id "$KUBELET_NODE_NAME")
 health_port=""
 if [ "$builtin_reg" = 1 ]; then
   node_args+=(--kubelet-root "$KUBELET_ROOT" --kubelet-registration-path "$csi_sock")
-  if "$work/bin/stowage-node" --help 2>&1 | grep -q -- '--health-address'; then
+  if grep -q -- '--health-address' <<<"$node_help"; then
     health_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
     node_args+=(--health-address "127.0.0.1:$health_port")
   fi
@@ -180,7 +182,8 @@ start_node() {
   echo $! > "$work/stowage-node.pid"
 }
 start_stub() {
-  setsid "$work/bin/registrar-stub" -socket "$KUBELET_ROOT/plugins_registry/$drv-reg.sock" \
+  # Its own socket name: kubelet backs off (up to 2 min) per socket path after a failed GetInfo.
+  setsid "$work/bin/registrar-stub" -socket "$KUBELET_ROOT/plugins_registry/$drv-stub-reg.sock" \
     -driver "$drv" -endpoint "$csi_sock" </dev/null >>"$work/registrar-stub.log" 2>&1 &
   echo $! > "$work/registrar-stub.pid"
 }
@@ -206,7 +209,7 @@ if [ "$builtin_reg" = 1 ] && ! until_ok 40 kubelet_registered; then
   say "$reg_broken"
   probe=$(timeout 30 "$work/bin/registrar-stub" -probe "$KUBELET_ROOT/plugins_registry/$drv-reg.sock" 2>&1)
   echo "$probe" | sed 's/^/  probe: /'
-  if echo "$probe" | grep -q 'socket path): GetInfo: .*PROTOCOL_ERROR' && echo "$probe" | grep -q 'localhost.*GetInfo OK'; then
+  if grep -q 'socket path): GetInfo: .*PROTOCOL_ERROR' <<<"$probe" && grep -q 'localhost.*GetInfo OK' <<<"$probe"; then
     reg_broken="$reg_broken -- stowage-node's registration server resets a stream whose HTTP/2 :authority is the socket path (what kubelet's plugin watcher sends: it dials the bare path, unlike kubelet's CSI client which sets authority localhost); the same GetInfo with :authority localhost succeeds"
   fi
   say "restarting stowage-node with --kubelet-registration=false and tests/pods/registrar-stub, so the pod scenarios still run"
@@ -218,6 +221,7 @@ fi
 if [ "$builtin_reg" = 0 ] || [ -n "$reg_broken" ]; then
   [ "$builtin_reg" = 0 ] && say "stowage-node has no --kubelet-root: built-in registration missing; using tests/pods/registrar-stub for the pod scenarios"
   start_stub
+  until_ok 60 kubelet_registered || bail "kubelet did not register $drv from tests/pods/registrar-stub either"
 fi
 
 # Provisioner with its own ServiceAccount (provisioner/deploy/rbac.yaml), as in 35-provisioner.
@@ -388,7 +392,7 @@ s_rwop() {
   sleep 8
   [ "$(phase rwop-2)" = Pending ] || { why="second pod on a ReadWriteOncePod claim is $(phase rwop-2), not Pending"; return 1; }
   msg=$(k -n "$ns" get pod rwop-2 -o 'jsonpath={.status.conditions[?(@.type=="PodScheduled")].message}')
-  echo "$msg" | grep -qi ReadWriteOncePod || { why="second pod Pending but not for ReadWriteOncePod: $msg"; return 1; }
+  grep -qi ReadWriteOncePod <<<"$msg" || { why="second pod Pending but not for ReadWriteOncePod: $msg"; return 1; }
   delete_pod rwop-1 || return 1
   wait_phase rwop-2 Succeeded 120 || { why="second pod did not run after the first was gone: $why"; return 1; }
   logs_have rwop-2 one || { why="second pod did not see the first pod's data"; return 1; }
@@ -495,8 +499,8 @@ spec:
 EOF
   wait_phase fsg Succeeded 90 || return 1
   out=$(k -n "$ns" logs fsg 2>&1)
-  echo "$out" | grep -q '^GID 2000 DIRGID 2000' || { why="fsGroup 2000 not applied (fsGroupPolicy File): $(echo "$out" | head -n 2 | tr '\n' ' ')"; return 1; }
-  echo "$out" | grep -q '^SUBPATH via-subpath' || { why="subPath write not visible in the volume: $(echo "$out" | tr '\n' ' ')"; return 1; }
+  grep -q '^GID 2000 DIRGID 2000' <<<"$out" || { why="fsGroup 2000 not applied (fsGroupPolicy File): $(echo "$out" | head -n 2 | tr '\n' ' ')"; return 1; }
+  grep -q '^SUBPATH via-subpath' <<<"$out" || { why="subPath write not visible in the volume: $(echo "$out" | tr '\n' ' ')"; return 1; }
   delete_pod fsg || return 1
   detail="file and volume root group 2000 as uid 1000, subPath sub/dir lands in the volume"
 }
@@ -591,7 +595,10 @@ spec:
   - metadata: {name: data}
     spec:
       storageClassName: $sc
-      accessModes: [ReadWriteOnce]
+      # ReadWriteOncePod: with ReadWriteOnce a force-deleted pg-0 and its replacement run two
+      # postmasters on one data directory for a few seconds (same node; postmaster.pid cannot
+      # see across PID namespaces) and acknowledged commits are lost. RWOP must prevent that.
+      accessModes: [ReadWriteOncePod]
       resources: {requests: {storage: 512Mi}}
 EOF
   t0=$(now)
