@@ -186,6 +186,7 @@ fi
 start_node() {
   setsid "$work/bin/stowage-node" "${node_args[@]}" </dev/null >>"$work/stowage-node.log" 2>&1 &
   echo $! > "$work/stowage-node.pid"
+  disown $!   # the SIGKILL scenario kills it: no "Killed" job report from bash
 }
 start_stub() {
   # Its own socket name: kubelet backs off (up to 2 min) per socket path after a failed GetInfo.
