@@ -9,7 +9,8 @@ pkgs=(nfs-ganesha nfs-ganesha-vfs rpcbind libnfs-utils nfs-common fuse3 busybox-
       glusterfs-server glusterfs-client openssh-server openssh-client
       ceph-mon ceph-osd ceph-mgr ceph-common radosgw python3-rados uuid-runtime curl s3fs rbd-fuse rbd-nbd
       xz-utils zstd
-      docker.io containerd runc iptables)
+      docker.io containerd runc iptables
+      containernetworking-plugins umoci mmdebstrap gcc libc6-dev postgresql-client-15)
 missing=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
