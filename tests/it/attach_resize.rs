@@ -983,3 +983,54 @@ fn rbd_image(
 fn va_name(ns: &str, n: &str) -> String {
     format!("{ns}-va-{n}")
 }
+
+/// `--controllers provision` leaves attachments and resizes to someone else.
+#[tokio::test]
+async fn controllers_flag_turns_duties_off() -> Result<()> {
+    let _g = serial().await;
+    with_world("duties_off", false, async |w: &mut World| {
+        w.start_provisioner(&["--controllers", "provision"])?;
+        let ns = w.ns.clone();
+        let class = w
+            .create_class("off", json!({"allowVolumeExpansion": true}))
+            .await?;
+        w.create_claim("data", Some(&class), "1Gi", &["ReadWriteOnce"], json!({}))
+            .await?;
+        let pv = w.wait_bound("data", T).await?;
+        let vas: Api<VolumeAttachment> = Api::all(w.client.clone());
+        let name = format!("{ns}-va");
+        let va: VolumeAttachment =
+            serde_json::from_value(va_json(&name, w.driver, &format!("{ns}-x"), &pv_name(&pv)))?;
+        vas.create(&PostParams::default(), &va).await?;
+        set_request(w, "data", "2Gi").await?;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let va = vas.get(&name).await?;
+        let r = async {
+            // The API server gives a new attachment `status: {attached: false}`; nothing more.
+            ensure!(
+                !attached(&va) && attach_error(&va).is_none() && va.metadata.finalizers.is_none(),
+                "{va:?}"
+            );
+            let c = w.pvcs().get("data").await?;
+            ensure!(
+                claim_capacity(&c) == "1Gi" && resize_status(&c).is_none(),
+                "{:?}",
+                c.status
+            );
+            let log = w.prov_log();
+            ensure!(
+                log.contains("starting controller controller=\"provision\""),
+                "{log}"
+            );
+            ensure!(
+                !log.contains("starting controller controller=\"attach\""),
+                "{log}"
+            );
+            Ok(())
+        }
+        .await;
+        let _ = vas.delete(&name, &DeleteParams::default()).await;
+        r
+    })
+    .await
+}
