@@ -660,79 +660,8 @@ async fn block_resize_waits_for_the_node() -> Result<()> {
     .await
 }
 
-mod publish_proxy {
-    //! Forwards everything to the controller but holds the answer to ControllerPublishVolume
-    //! once the controller has given it: the volume is published on the backend and the
-    //! provisioner has not heard of it, the moment a crash hurts most.
-
-    use std::path::{Path, PathBuf};
-    use std::sync::Arc;
-
-    use hyper::body::Incoming;
-    use hyper::service::service_fn;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use tokio::net::UnixListener;
-    use tokio::sync::watch;
-    use tonic::transport::Channel;
-    use tower::{Service, ServiceExt};
-
-    pub struct PublishProxy {
-        pub socket: PathBuf,
-        held: watch::Receiver<u32>,
-        task: tokio::task::JoinHandle<()>,
-    }
-
-    impl PublishProxy {
-        pub async fn start(socket: &Path, upstream: Channel) -> anyhow::Result<PublishProxy> {
-            let listener = UnixListener::bind(socket)?;
-            let (tx, rx) = watch::channel(0u32);
-            let tx = Arc::new(tx);
-            let task = tokio::spawn(async move {
-                while let Ok((stream, _)) = listener.accept().await {
-                    let upstream = upstream.clone();
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let svc = service_fn(move |req: http::Request<Incoming>| {
-                            let mut ch = upstream.clone();
-                            let tx = tx.clone();
-                            async move {
-                                let hold = req.uri().path()
-                                    == "/csi.v1.Controller/ControllerPublishVolume";
-                                let req = req.map(tonic::body::Body::new);
-                                let resp = ch.ready().await?.call(req).await?;
-                                if hold {
-                                    tx.send_modify(|n| *n += 1);
-                                    std::future::pending::<()>().await;
-                                }
-                                Ok::<_, tonic::transport::Error>(resp)
-                            }
-                        });
-                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                            .serve_connection(TokioIo::new(stream), svc)
-                            .await;
-                    });
-                }
-            });
-            Ok(PublishProxy {
-                socket: socket.to_owned(),
-                held: rx,
-                task,
-            })
-        }
-
-        pub async fn wait_held(&mut self) -> anyhow::Result<()> {
-            self.held.wait_for(|n| *n > 0).await?;
-            Ok(())
-        }
-    }
-
-    impl Drop for PublishProxy {
-        fn drop(&mut self) {
-            self.task.abort();
-            let _ = std::fs::remove_file(&self.socket);
-        }
-    }
-}
+#[path = "attach_proxy.rs"]
+mod publish_proxy;
 
 /// The provisioner SIGKILLed after ControllerPublishVolume reached the backend but before the
 /// attachment's status said so, then restarted: one attachment, attached, the volume
@@ -982,4 +911,55 @@ fn rbd_image(
 
 fn va_name(ns: &str, n: &str) -> String {
     format!("{ns}-va-{n}")
+}
+
+/// `--controllers provision` leaves attachments and resizes to someone else.
+#[tokio::test]
+async fn controllers_flag_turns_duties_off() -> Result<()> {
+    let _g = serial().await;
+    with_world("duties_off", false, async |w: &mut World| {
+        w.start_provisioner(&["--controllers", "provision"])?;
+        let ns = w.ns.clone();
+        let class = w
+            .create_class("off", json!({"allowVolumeExpansion": true}))
+            .await?;
+        w.create_claim("data", Some(&class), "1Gi", &["ReadWriteOnce"], json!({}))
+            .await?;
+        let pv = w.wait_bound("data", T).await?;
+        let vas: Api<VolumeAttachment> = Api::all(w.client.clone());
+        let name = format!("{ns}-va");
+        let va: VolumeAttachment =
+            serde_json::from_value(va_json(&name, w.driver, &format!("{ns}-x"), &pv_name(&pv)))?;
+        vas.create(&PostParams::default(), &va).await?;
+        set_request(w, "data", "2Gi").await?;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let va = vas.get(&name).await?;
+        let r = async {
+            // The API server gives a new attachment `status: {attached: false}`; nothing more.
+            ensure!(
+                !attached(&va) && attach_error(&va).is_none() && va.metadata.finalizers.is_none(),
+                "{va:?}"
+            );
+            let c = w.pvcs().get("data").await?;
+            ensure!(
+                claim_capacity(&c) == "1Gi" && resize_status(&c).is_none(),
+                "{:?}",
+                c.status
+            );
+            let log = w.prov_log();
+            ensure!(
+                log.contains("starting controller controller=\"provision\""),
+                "{log}"
+            );
+            ensure!(
+                !log.contains("starting controller controller=\"attach\""),
+                "{log}"
+            );
+            Ok(())
+        }
+        .await;
+        let _ = vas.delete(&name, &DeleteParams::default()).await;
+        r
+    })
+    .await
 }

@@ -602,9 +602,12 @@ spec:
   - metadata: {name: data}
     spec:
       storageClassName: $sc
-      # ReadWriteOncePod: with ReadWriteOnce a force-deleted pg-0 and its replacement run two
+      # ReadWriteOncePod: with ReadWriteOnce a force-deleted pg-0 and its replacement ran two
       # postmasters on one data directory for a few seconds (same node; postmaster.pid cannot
-      # see across PID namespaces) and acknowledged commits are lost. RWOP must prevent that.
+      # see across PID namespaces) and 298 of 3044 acknowledged commits were lost (one run).
+      # With RWOP no run lost a row; stowage-node logged no RWOP NodePublish refusal, so the
+      # replacement was only published after the old pod's unpublish (the detail line counts
+      # refusals).
       accessModes: [ReadWriteOncePod]
       resources: {requests: {storage: 512Mi}}
 EOF
@@ -667,7 +670,9 @@ s_postgres_force() {
   [ "$missing" = 0 ] || { why="$missing of $acked acknowledged rows missing after the force delete"; return 1; }
   out=$(timeout 120 /usr/lib/postgresql/15/bin/pg_amcheck --install-missing -h "$pg_ip" -U postgres -d postgres 2>&1) ||
     { why="pg_amcheck: $(echo "$out" | tail -n 3)"; return 1; }
-  detail="rows acked $acked, found $found, missing 0, new pod answering ${rec}s after the delete, pg_amcheck clean"
+  local refused
+  refused=$(grep -c 'is ReadWriteOncePod and already published' "$work/stowage-node.log")
+  detail="rows acked $acked, found $found, missing 0, new pod answering ${rec}s after the delete, pg_amcheck clean, NodePublish of the new pod refused ${refused}x while the old one held the claim"
   k -n "$ns" delete statefulset pg --wait=false >/dev/null
   until_ok 90 gone pod pg-0 || { why="pg-0 not deleted"; return 1; }
   k -n "$ns" delete pvc data-pg-0 --wait=false >/dev/null
