@@ -329,6 +329,90 @@ async fn image_is_made_on_create_and_its_files_are_not_in_the_directory() {
 }
 
 #[tokio::test]
+async fn image_snapshot_restores_into_a_bigger_volume_with_its_files() {
+    assert!(is_root(), "these tests mount; run them as root");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let mut e = start(dir, &base, "    capacity: image\n").await;
+    let src =
+        e.c.controller
+            .create_volume(wire::create("pvc-src", 16 * MIB))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+    let staging = e.dir.path().join("staging");
+    let target = e.dir.path().join("pods/a/mount");
+    stage(&mut e, &src, &staging, &target).await;
+    std::fs::write(target.join("kept"), b"from the source").unwrap();
+    // The snapshot copies the image: unstaged first, so the copy is of a clean filesystem.
+    unstage(&mut e, &src, &staging, &target).await;
+    let snap =
+        e.c.controller
+            .create_snapshot(v1::CreateSnapshotRequest {
+                name: "snap-img".into(),
+                source_volume_id: src.volume_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+    let mut req = wire::create("pvc-restored", 32 * MIB);
+    req.volume_content_source = Some(v1::VolumeContentSource {
+        r#type: Some(v1::volume_content_source::Type::Snapshot(
+            v1::volume_content_source::SnapshotSource {
+                snapshot_id: snap.snapshot_id.clone(),
+            },
+        )),
+    });
+    let restored =
+        e.c.controller
+            .create_volume(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+    assert_eq!(
+        std::fs::metadata(base.join("pvc-restored").join("fs.img"))
+            .unwrap()
+            .len(),
+        32 << 20,
+        "the restored image is grown to the new size"
+    );
+    // Staging grows the filesystem (offline, before the mount) and the files are there.
+    stage(&mut e, &restored, &staging, &target).await;
+    assert_eq!(
+        std::fs::read(target.join("kept")).unwrap(),
+        b"from the source"
+    );
+    let (total, _) = stats(&mut e, &restored, &target).await;
+    assert!(total > 24 * MIB && total <= 32 * MIB, "total {total}");
+    write_file(&target.join("twenty"), 20 << 20).unwrap();
+    unstage(&mut e, &restored, &staging, &target).await;
+    for v in [&restored, &src] {
+        e.c.controller
+            .delete_volume(v1::DeleteVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    e.c.controller
+        .delete_snapshot(v1::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(loops_under(&base).is_empty(), "a loop device was left");
+}
+
+#[tokio::test]
 async fn auto_without_project_quotas_records_only_and_says_so() {
     assert!(is_root(), "these tests mount; run them as root");
     let dir = tempfile::tempdir().unwrap();

@@ -11,6 +11,7 @@
 //! a log) the distinct credentials that worked for each instance, and lists and looks up with
 //! those: it reports the volumes reachable with credentials it has been given since it started.
 
+mod record;
 mod snapshot;
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,16 +22,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::primitives::ByteStream;
-use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration, Tag, Tagging};
-use serde::{Deserialize, Serialize};
+use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
 
 use super::client::{self, Creds, Endpoint, Target, code_of, map_err, status_of};
 use super::mounter::{self, Kind};
 use super::{
     CTX_BUCKET, CTX_CAPACITY, CTX_ENDPOINT, CTX_MOUNT_OPTIONS, CTX_MOUNTER, CTX_PATH_STYLE,
     CTX_PREFIX, CTX_REGION, DEFAULT_CAPACITY, DRIVER, Location, META_PREFIX, Mode, S3Params,
-    TAG_ARCHIVED, TAG_CAPACITY, TAG_CREATED, TAG_MOUNTER, TAG_ON_DELETE, TAG_VOLUME,
-    bucket_name_for, check_bucket, check_bucket_prefix, hash_hex, on_delete_str, prefix_name_for,
+    TAG_ARCHIVED, bucket_name_for, check_bucket, check_bucket_prefix, hash_hex, on_delete_str,
+    prefix_name_for,
 };
 use crate::config::{S3Config, S3Instance};
 use crate::controller::{ControllerBackend, ControllerFeatures, Expanded};
@@ -42,79 +42,10 @@ use crate::types::{
     SnapshotFilter, Volume,
 };
 use crate::volume_id::VolumeId;
+use record::{Meta, source_of, source_str};
 
 /// How many distinct credentials per instance are remembered for secret-less calls.
 const MAX_KNOWN_CREDS: usize = 16;
-
-/// A volume's record (bucket tags or a JSON object).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase")]
-struct Meta {
-    /// Hash of the CSI name: same-name requests are repeats, other names are conflicts.
-    name_hash: String,
-    capacity: u64,
-    on_delete: String,
-    mounter: String,
-    created: u64,
-    /// What the volume was made from (`snapshot:<id>` or `volume:<id>`), so a repeated
-    /// CreateVolume with another source is a conflict.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    source: Option<String>,
-}
-
-/// Bucket tag recording a bucket-mode volume's content source.
-const TAG_SOURCE: &str = "stowage.io/source";
-
-fn source_str(s: &ContentSource) -> String {
-    match s {
-        ContentSource::Snapshot(id) => format!("snapshot:{id}"),
-        ContentSource::Volume(id) => format!("volume:{id}"),
-    }
-}
-
-fn source_of(s: &str) -> Option<ContentSource> {
-    if let Some(id) = s.strip_prefix("snapshot:") {
-        Some(ContentSource::Snapshot(id.to_owned()))
-    } else {
-        s.strip_prefix("volume:")
-            .map(|id| ContentSource::Volume(id.to_owned()))
-    }
-}
-
-impl Meta {
-    fn on_delete(&self) -> OnDelete {
-        OnDelete::parse(&self.on_delete).unwrap_or_default()
-    }
-
-    fn to_tags(&self) -> Vec<(String, String)> {
-        let mut tags = vec![
-            (TAG_VOLUME.into(), self.name_hash.clone()),
-            (TAG_CAPACITY.into(), self.capacity.to_string()),
-            (TAG_ON_DELETE.into(), self.on_delete.clone()),
-            (TAG_MOUNTER.into(), self.mounter.clone()),
-            (TAG_CREATED.into(), self.created.to_string()),
-        ];
-        if let Some(src) = &self.source {
-            tags.push((TAG_SOURCE.into(), src.clone()));
-        }
-        tags
-    }
-
-    fn from_tags(tags: &[(String, String)]) -> Option<Meta> {
-        let get = |k: &str| tags.iter().find(|(tk, _)| tk == k).map(|(_, v)| v.clone());
-        if get(TAG_ARCHIVED).is_some() {
-            return None;
-        }
-        Some(Meta {
-            name_hash: get(TAG_VOLUME)?,
-            capacity: get(TAG_CAPACITY)?.parse().ok()?,
-            on_delete: get(TAG_ON_DELETE).unwrap_or_else(|| "delete".into()),
-            mounter: get(TAG_MOUNTER).unwrap_or_else(|| "s3fs".into()),
-            created: get(TAG_CREATED).and_then(|c| c.parse().ok()).unwrap_or(0),
-            source: get(TAG_SOURCE),
-        })
-    }
-}
 
 fn now_secs() -> u64 {
     SystemTime::now()
@@ -320,139 +251,6 @@ impl S3Controller {
         Ok(inst.known().iter().map(|c| inst.client(c)).collect())
     }
 
-    async fn read_meta(inst: &Inst, c: &Client, loc: &Location) -> Result<Option<Meta>> {
-        match &loc.prefix {
-            None => Ok(Self::bucket_tags(inst, c, &loc.bucket)
-                .await?
-                .and_then(|t| Meta::from_tags(&t))),
-            Some(_) => {
-                let key = loc.meta_key().unwrap_or_default();
-                let out = match c.get_object().bucket(&loc.bucket).key(&key).send().await {
-                    Ok(o) => o,
-                    Err(e) if matches!(code_of(&e), Some("NoSuchKey" | "NoSuchBucket")) => {
-                        return Ok(None);
-                    }
-                    Err(e) if status_of(&e) == Some(404) => return Ok(None),
-                    Err(e) => {
-                        return Err(map_err(
-                            format!("reading s3://{}/{key}", loc.bucket),
-                            &inst.ep,
-                            e,
-                        ));
-                    }
-                };
-                let bytes = out.body.collect().await.map_err(|e| {
-                    Error::Unavailable(format!("reading s3://{}/{key}: {e}", loc.bucket))
-                })?;
-                serde_json::from_slice(&bytes.into_bytes())
-                    .map(Some)
-                    .map_err(|e| {
-                        Error::Internal(format!("corrupt record s3://{}/{key}: {e}", loc.bucket))
-                    })
-            }
-        }
-    }
-
-    /// A bucket's tags; None when the bucket does not exist.
-    async fn bucket_tags(
-        inst: &Inst,
-        c: &Client,
-        bucket: &str,
-    ) -> Result<Option<Vec<(String, String)>>> {
-        match c.get_bucket_tagging().bucket(bucket).send().await {
-            Ok(out) => Ok(Some(
-                out.tag_set()
-                    .iter()
-                    .map(|t| (t.key().to_owned(), t.value().to_owned()))
-                    .collect(),
-            )),
-            Err(e) if code_of(&e) == Some("NoSuchBucket") => Ok(None),
-            Err(e) if matches!(code_of(&e), Some("NoSuchTagSet" | "NoSuchTagSetError")) => {
-                Ok(Some(Vec::new()))
-            }
-            Err(e) => Err(map_err(format!("GetBucketTagging {bucket}"), &inst.ep, e)),
-        }
-    }
-
-    /// Replaces Stowage's tags on a bucket, keeping anyone else's.
-    async fn put_tags(
-        inst: &Inst,
-        c: &Client,
-        bucket: &str,
-        ours: Vec<(String, String)>,
-    ) -> Result<()> {
-        let mut tags: Vec<(String, String)> = Self::bucket_tags(inst, c, bucket)
-            .await?
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|(k, _)| !k.starts_with("stowage.io/"))
-            .collect();
-        tags.extend(ours);
-        if tags.is_empty() {
-            return c
-                .delete_bucket_tagging()
-                .bucket(bucket)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| map_err(format!("DeleteBucketTagging {bucket}"), &inst.ep, e));
-        }
-        let set = tags
-            .into_iter()
-            .map(|(k, v)| {
-                Tag::builder()
-                    .key(k)
-                    .value(v)
-                    .build()
-                    .map_err(|e| Error::Internal(format!("building tags: {e}")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let tagging = Tagging::builder()
-            .set_tag_set(Some(set))
-            .build()
-            .map_err(|e| Error::Internal(format!("building tags: {e}")))?;
-        c.put_bucket_tagging()
-            .bucket(bucket)
-            .tagging(tagging)
-            .send()
-            .await
-            .map(|_| ())
-            .map_err(|e| map_err(format!("PutBucketTagging {bucket}"), &inst.ep, e))
-    }
-
-    async fn write_meta(inst: &Inst, c: &Client, loc: &Location, meta: &Meta) -> Result<()> {
-        match loc.meta_key() {
-            None => Self::put_tags(inst, c, &loc.bucket, meta.to_tags()).await,
-            Some(key) => {
-                let body = serde_json::to_vec(meta).map_err(|e| Error::Internal(e.to_string()))?;
-                c.put_object()
-                    .bucket(&loc.bucket)
-                    .key(&key)
-                    .content_type("application/json")
-                    .body(ByteStream::from(body))
-                    .send()
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| map_err(format!("writing s3://{}/{key}", loc.bucket), &inst.ep, e))
-            }
-        }
-    }
-
-    async fn remove_meta(inst: &Inst, c: &Client, loc: &Location) -> Result<()> {
-        match loc.meta_key() {
-            None => Self::put_tags(inst, c, &loc.bucket, Vec::new()).await,
-            Some(key) => match c.delete_object().bucket(&loc.bucket).key(&key).send().await {
-                Ok(_) => Ok(()),
-                Err(e) if matches!(code_of(&e), Some("NoSuchKey" | "NoSuchBucket")) => Ok(()),
-                Err(e) => Err(map_err(
-                    format!("deleting s3://{}/{key}", loc.bucket),
-                    &inst.ep,
-                    e,
-                )),
-            },
-        }
-    }
-
     /// Creates a bucket; Ok when this account already owns it.
     async fn create_bucket(inst: &Inst, c: &Client, bucket: &str) -> Result<()> {
         let mut req = c.create_bucket().bucket(bucket);
@@ -598,54 +396,64 @@ impl S3Controller {
             if check_bucket("bucket", name).is_err() {
                 continue;
             }
-            let loc = Location {
-                bucket: name.to_owned(),
-                prefix: None,
-            };
-            if let Some(meta) = Self::read_meta(inst, c, &loc).await? {
-                let id = loc.to_id(&inst.name)?;
-                out.push((id.to_string(), Self::to_volume(inst, &id, &loc, &meta)));
-                continue;
-            }
-            let mut token: Option<String> = None;
-            loop {
-                let page = c
-                    .list_objects_v2()
-                    .bucket(name)
-                    .prefix(META_PREFIX)
-                    .set_continuation_token(token.clone())
-                    .send()
-                    .await
-                    .map_err(|e| {
-                        map_err(
-                            format!("ListObjectsV2 s3://{name}/{META_PREFIX}"),
-                            &inst.ep,
-                            e,
-                        )
-                    })?;
-                for o in page.contents() {
-                    let Some(p) = o
-                        .key()
-                        .and_then(|k| k.strip_prefix(META_PREFIX))
-                        .and_then(|k| k.strip_suffix(".json"))
-                    else {
-                        continue;
-                    };
-                    let loc = Location {
-                        bucket: name.to_owned(),
-                        prefix: Some(p.to_owned()),
-                    };
-                    let Ok(id) = loc.to_id(&inst.name) else {
-                        continue;
-                    };
-                    if let Some(meta) = Self::read_meta(inst, c, &loc).await? {
-                        out.push((id.to_string(), Self::to_volume(inst, &id, &loc, &meta)));
+            // A bucket deleted between ListBuckets and its listing (another volume or
+            // snapshot going away meanwhile) holds nothing to report.
+            let res: Result<()> = async {
+                let loc = Location {
+                    bucket: name.to_owned(),
+                    prefix: None,
+                };
+                if let Some(meta) = Self::read_meta(inst, c, &loc).await? {
+                    let id = loc.to_id(&inst.name)?;
+                    out.push((id.to_string(), Self::to_volume(inst, &id, &loc, &meta)));
+                    return Ok(());
+                }
+                let mut token: Option<String> = None;
+                loop {
+                    let page = c
+                        .list_objects_v2()
+                        .bucket(name)
+                        .prefix(META_PREFIX)
+                        .set_continuation_token(token.clone())
+                        .send()
+                        .await
+                        .map_err(|e| {
+                            map_err(
+                                format!("ListObjectsV2 s3://{name}/{META_PREFIX}"),
+                                &inst.ep,
+                                e,
+                            )
+                        })?;
+                    for o in page.contents() {
+                        let Some(p) = o
+                            .key()
+                            .and_then(|k| k.strip_prefix(META_PREFIX))
+                            .and_then(|k| k.strip_suffix(".json"))
+                        else {
+                            continue;
+                        };
+                        let loc = Location {
+                            bucket: name.to_owned(),
+                            prefix: Some(p.to_owned()),
+                        };
+                        let Ok(id) = loc.to_id(&inst.name) else {
+                            continue;
+                        };
+                        if let Some(meta) = Self::read_meta(inst, c, &loc).await? {
+                            out.push((id.to_string(), Self::to_volume(inst, &id, &loc, &meta)));
+                        }
+                    }
+                    token = page.next_continuation_token().map(str::to_owned);
+                    if page.is_truncated() != Some(true) || token.is_none() {
+                        break;
                     }
                 }
-                token = page.next_continuation_token().map(str::to_owned);
-                if page.is_truncated() != Some(true) || token.is_none() {
-                    break;
-                }
+                Ok(())
+            }
+            .await;
+            match res {
+                Err(Error::NotFound { .. }) => {}
+                other => other?,
             }
         }
         Ok(out)
@@ -1083,23 +891,6 @@ impl std::fmt::Debug for S3Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn tags_round_trip_and_archived_buckets_are_not_volumes() {
-        let m = Meta {
-            name_hash: "abc".into(),
-            capacity: 42,
-            on_delete: "retain".into(),
-            mounter: "s3fs".into(),
-            created: 7,
-            source: Some("snapshot:rgw/snap-1/san-s-0123".into()),
-        };
-        assert_eq!(Meta::from_tags(&m.to_tags()), Some(m.clone()));
-        let mut t = m.to_tags();
-        t.push((TAG_ARCHIVED.into(), "1".into()));
-        assert_eq!(Meta::from_tags(&t), None);
-        assert_eq!(Meta::from_tags(&[]), None);
-    }
 
     #[test]
     fn config_is_checked() {

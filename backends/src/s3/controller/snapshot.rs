@@ -376,47 +376,57 @@ impl S3Controller {
             if check_bucket("bucket", bucket).is_err() {
                 continue;
             }
-            let mut token: Option<String> = None;
-            loop {
-                let page = c
-                    .list_objects_v2()
-                    .bucket(bucket)
-                    .prefix(SNAP_PREFIX)
-                    .delimiter("/")
-                    .set_continuation_token(token.clone())
-                    .send()
-                    .await
-                    .map_err(|e| {
-                        map_err(
-                            format!("ListObjectsV2 s3://{bucket}/{SNAP_PREFIX}"),
-                            &inst.ep,
-                            e,
-                        )
-                    })?;
-                for o in page.contents() {
-                    let Some(snap) = o
-                        .key()
-                        .and_then(|k| k.strip_prefix(SNAP_PREFIX))
-                        .and_then(|k| k.strip_suffix(".json"))
-                    else {
-                        continue;
-                    };
-                    let loc = SnapLoc {
-                        bucket: bucket.to_owned(),
-                        snap: snap.to_owned(),
-                    };
-                    let Ok(id) = loc.to_id(&inst.name) else {
-                        continue;
-                    };
-                    if let Some(m) = Self::read_snap(inst, c, &loc).await? {
-                        let id = id.to_string();
-                        out.push((id.clone(), snapshot_of(&id, &m)));
+            // A bucket deleted between ListBuckets and its listing (another volume or
+            // snapshot going away meanwhile) holds nothing to report.
+            let res: Result<()> = async {
+                let mut token: Option<String> = None;
+                loop {
+                    let page = c
+                        .list_objects_v2()
+                        .bucket(bucket)
+                        .prefix(SNAP_PREFIX)
+                        .delimiter("/")
+                        .set_continuation_token(token.clone())
+                        .send()
+                        .await
+                        .map_err(|e| {
+                            map_err(
+                                format!("ListObjectsV2 s3://{bucket}/{SNAP_PREFIX}"),
+                                &inst.ep,
+                                e,
+                            )
+                        })?;
+                    for o in page.contents() {
+                        let Some(snap) = o
+                            .key()
+                            .and_then(|k| k.strip_prefix(SNAP_PREFIX))
+                            .and_then(|k| k.strip_suffix(".json"))
+                        else {
+                            continue;
+                        };
+                        let loc = SnapLoc {
+                            bucket: bucket.to_owned(),
+                            snap: snap.to_owned(),
+                        };
+                        let Ok(id) = loc.to_id(&inst.name) else {
+                            continue;
+                        };
+                        if let Some(m) = Self::read_snap(inst, c, &loc).await? {
+                            let id = id.to_string();
+                            out.push((id.clone(), snapshot_of(&id, &m)));
+                        }
+                    }
+                    token = page.next_continuation_token().map(str::to_owned);
+                    if page.is_truncated() != Some(true) || token.is_none() {
+                        break;
                     }
                 }
-                token = page.next_continuation_token().map(str::to_owned);
-                if page.is_truncated() != Some(true) || token.is_none() {
-                    break;
-                }
+                Ok(())
+            }
+            .await;
+            match res {
+                Err(Error::NotFound { .. }) => {}
+                other => other?,
             }
         }
         Ok(out)
