@@ -24,7 +24,7 @@ export STOWAGE_S3_ENDPOINT=$S3_ENDPOINT STOWAGE_S3_ACCESS_KEY=$S3_ACCESS_KEY STO
 export PATH=${STOWAGE_CACHE:-$HOME/.cache/stowage}/bin:$PATH
 passed=0; failed=0
 out=$(mktemp)
-for t in s3_e2e s3_faults s3_outage s3_secrets; do
+for t in s3_e2e s3_faults s3_outage s3_secrets s3_snapshots; do
   cargo test -p stowage-tests --locked --test "$t" 2>&1 | tee "$out"
   tally_cargo "$out" "${PIPESTATUS[0]}"
 done
