@@ -2,6 +2,8 @@
 //! RUST_LOG (default info). Secrets never reach these logs: requests are logged only through
 //! [`crate::redact`].
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, thiserror::Error)]
@@ -16,7 +18,10 @@ pub fn init(format: &str) -> Result<(), LogError> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal: in a pod log, a journal or a file they
+        // are noise that breaks grep.
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         "text" => builder
             .try_init()

@@ -27,6 +27,9 @@ async fn one_socket_serves_controller_and_node() {
         .arg("--config")
         .arg(&cfg)
         .args(["--node-id", "swarm-node-1"])
+        // Swarm's paths lie under the plugin's /data; here under the test directory.
+        .arg("--volume-root")
+        .arg(dir.path())
         .stdin(Stdio::null())
         .stdout(out.try_clone().unwrap())
         .stderr(out)

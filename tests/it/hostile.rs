@@ -392,19 +392,77 @@ async fn generated_hostile_requests_get_spec_statuses_and_touch_nothing_outside(
     let total: usize = counts.values().sum();
     println!("hostile requests: {total} answered; by status: {counts:?}");
 
-    // Clean up whatever the cases made (they may have staged or published valid volumes),
-    // then nothing may be left on the backend or mounted.
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    for line in mounts.lines() {
-        if let Some(mp) = line.split(' ').nth(4)
-            && mp.starts_with(dir.path().to_str().unwrap())
+    // Clean up whatever the cases made the way a CO would: unpublish and unstage every volume
+    // at every path the generator can name (the wrong pairs are refused or no-ops), so loop
+    // devices are detached by the plugin itself. Then nothing may be mounted or attached.
+    let listed = c
+        .list_volumes(v1::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<String> = listed
+        .entries
+        .iter()
+        .filter_map(|e| e.volume.as_ref().map(|v| v.volume_id.clone()))
+        .collect();
+    for id in &ids {
+        for s in ["a", "b", "c"] {
+            let _ = n
+                .node_unpublish_volume(v1::NodeUnpublishVolumeRequest {
+                    volume_id: id.clone(),
+                    target_path: root
+                        .join(format!("pods/{s}/mount"))
+                        .to_string_lossy()
+                        .into(),
+                })
+                .await;
+        }
+    }
+    for id in &ids {
+        for s in ["a", "b", "c"] {
+            let _ = n
+                .node_unstage_volume(v1::NodeUnstageVolumeRequest {
+                    volume_id: id.clone(),
+                    staging_target_path: root.join(format!("staging/{s}")).to_string_lossy().into(),
+                })
+                .await;
+        }
+    }
+    let prefix = dir.path().to_string_lossy().into_owned();
+    let mounted: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .filter(|mp| mp.starts_with(&prefix))
+        .collect();
+    let loops: Vec<String> = std::fs::read_dir("/sys/block")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("loop/backing_file")).ok())
+        .filter(|f| f.starts_with(&prefix))
+        .collect();
+    // Leave the machine clean even when the checks below fail.
+    for mp in &mounted {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(mp)
+            .status();
+    }
+    for e in std::fs::read_dir("/sys/block").unwrap().flatten() {
+        if std::fs::read_to_string(e.path().join("loop/backing_file"))
+            .is_ok_and(|f| f.starts_with(&prefix))
         {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(mp)
+            let _ = std::process::Command::new("losetup")
+                .arg("-d")
+                .arg(format!("/dev/{}", e.file_name().to_string_lossy()))
                 .status();
         }
     }
+    assert!(
+        mounted.is_empty(),
+        "left mounted after unpublish/unstage: {mounted:?}"
+    );
+    assert!(loops.is_empty(), "loop devices left attached: {loops:?}");
     let listed = c
         .list_volumes(v1::ListVolumesRequest::default())
         .await
