@@ -405,27 +405,41 @@ async fn generated_hostile_requests_get_spec_statuses_and_touch_nothing_outside(
         .iter()
         .filter_map(|e| e.volume.as_ref().map(|v| v.volume_id.clone()))
         .collect();
-    for id in &ids {
-        for s in ["a", "b", "c"] {
-            let _ = n
-                .node_unpublish_volume(v1::NodeUnpublishVolumeRequest {
-                    volume_id: id.clone(),
-                    target_path: root
-                        .join(format!("pods/{s}/mount"))
-                        .to_string_lossy()
-                        .into(),
-                })
-                .await;
+    // Staging and target fields draw from the same paths, so a volume may be staged at a pod
+    // path or published at a staging path: try both kinds at each.
+    let paths: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .flat_map(|s| {
+            [
+                root.join(format!("pods/{s}/mount")),
+                root.join(format!("staging/{s}")),
+            ]
+        })
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    // Several passes: a volume staged at a path another volume was later mounted over is only
+    // reachable once that one is gone (kubelet never stacks two volumes on one path; the
+    // generator does). Each pass peels one layer.
+    for _pass in 0..3 {
+        for id in &ids {
+            for p in &paths {
+                let _ = n
+                    .node_unpublish_volume(v1::NodeUnpublishVolumeRequest {
+                        volume_id: id.clone(),
+                        target_path: p.clone(),
+                    })
+                    .await;
+            }
         }
-    }
-    for id in &ids {
-        for s in ["a", "b", "c"] {
-            let _ = n
-                .node_unstage_volume(v1::NodeUnstageVolumeRequest {
-                    volume_id: id.clone(),
-                    staging_target_path: root.join(format!("staging/{s}")).to_string_lossy().into(),
-                })
-                .await;
+        for id in &ids {
+            for p in &paths {
+                let _ = n
+                    .node_unstage_volume(v1::NodeUnstageVolumeRequest {
+                        volume_id: id.clone(),
+                        staging_target_path: p.clone(),
+                    })
+                    .await;
+            }
         }
     }
     let prefix = dir.path().to_string_lossy().into_owned();

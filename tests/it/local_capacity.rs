@@ -195,6 +195,24 @@ async fn bounded_cycle(e: &mut Env, name: &str, node_expansion: bool) {
     write_file(&target.join("big"), 20 << 20).unwrap();
     assert_full(write_file(&target.join("bigger"), 60 << 20).unwrap_err());
 
+    if node_expansion {
+        // Still staged, its image backing a loop device: DeleteVolume answers the spec's
+        // "volume in use" and removes nothing.
+        let st =
+            e.c.controller
+                .delete_volume(v1::DeleteVolumeRequest {
+                    volume_id: vol.volume_id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+        assert_eq!(st.code(), tonic::Code::FailedPrecondition, "{st:?}");
+        assert!(st.message().contains("in use"), "{st:?}");
+        assert_eq!(
+            std::fs::metadata(target.join("big")).unwrap().len(),
+            20 << 20
+        );
+    }
     unstage(e, &vol, &staging, &target).await;
     e.c.controller
         .delete_volume(v1::DeleteVolumeRequest {

@@ -48,6 +48,30 @@ impl LocalController {
         Some((inst, id, dir))
     }
 
+    /// FAILED_PRECONDITION (the spec's "volume in use") while a loop device is still backed by
+    /// the volume's image, i.e. the volume is staged on this node. Deleting it anyway would
+    /// leave that loop device pointing at a deleted file for as long as the node lives, and the
+    /// pod using it writing into nothing.
+    async fn refuse_if_attached(&self, volume_id: &str) -> Result<()> {
+        let Some((_, _, dir)) = self.locate(volume_id) else {
+            return Ok(());
+        };
+        for name in [BLOCK_IMAGE, FS_IMAGE] {
+            let img = dir.join(name);
+            if !exists(&img).await {
+                continue;
+            }
+            if let Some(dev) = super::loop_device_for(&img).await? {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume_id: volume {volume_id} is in use: its image is attached to {} \
+                     (staged on this node); unstage it before deleting",
+                    dev.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Makes a volume directory hold at most `bytes`. Block volumes (their image is their
     /// size) and directories that already hold data without an image (volumes from before
     /// enforcement was on, clones of them) are left as they are, with a log line.
@@ -133,6 +157,7 @@ impl ControllerBackend for LocalController {
     }
 
     async fn delete_volume(&self, volume_id: &str, secrets: &Secrets) -> Result<()> {
+        self.refuse_if_attached(volume_id).await?;
         self.inner.delete_volume(volume_id, secrets).await?;
         if let Some((inst, id, dir)) = self.locate(volume_id)
             && let Enforcement::Quota { mount_point, ext4 } = &inst.enforcement

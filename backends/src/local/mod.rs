@@ -121,6 +121,26 @@ async fn loop_device_for(file: &Path) -> Result<Option<PathBuf>> {
     Ok(None)
 }
 
+/// Whether `staged` (the bind-mounted device file of a staging path) is a block device other
+/// than `ours` (this volume's loop device, if attached). A file that is no block device (not
+/// mounted, left by a crash) is nobody's and may be cleaned up.
+async fn staged_elsewhere(staged: &Path, ours: Option<&Path>) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let Ok(md) = tokio::fs::metadata(staged).await else {
+        return false;
+    };
+    if !md.file_type().is_block_device() {
+        return false;
+    }
+    match ours {
+        None => true,
+        Some(dev) => match tokio::fs::metadata(dev).await {
+            Ok(d) => d.rdev() != md.rdev(),
+            Err(_) => false,
+        },
+    }
+}
+
 async fn attach_loop(file: &Path) -> Result<PathBuf> {
     if let Some(dev) = loop_device_for(file).await? {
         return Ok(dev);
@@ -228,12 +248,22 @@ impl NodeBackend for LocalNode {
     async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
         let device = mount::staged_device(staging_path);
         if tokio::fs::symlink_metadata(&device).await.is_ok() {
+            let img = self.volume_dir(volume_id)?.join(BLOCK_IMAGE);
+            let ours = if tokio::fs::metadata(&img).await.is_ok() {
+                loop_device_for(&img).await?
+            } else {
+                None
+            };
+            if staged_elsewhere(&device, ours.as_deref()).await {
+                // The device staged here is another volume's loop device: this volume is not
+                // staged at this path, so there is nothing of its own to undo. Tearing the
+                // other one down would orphan its loop device.
+                tracing::info!(volume_id, staging = %staging_path.display(), "another volume's device is staged here; left alone");
+                return Ok(());
+            }
             mount::unmount(&device).await?;
             mount::remove_mount_point(&device).await?;
-            let img = self.volume_dir(volume_id)?.join(BLOCK_IMAGE);
-            if tokio::fs::metadata(&img).await.is_ok()
-                && let Some(dev) = loop_device_for(&img).await?
-            {
+            if let Some(dev) = ours {
                 command::run("losetup", &["-d", mount::path_str(&dev)?], SHORT_TIMEOUT).await?;
             }
         }
