@@ -122,14 +122,24 @@ async fn loop_device_for(file: &Path) -> Result<Option<PathBuf>> {
 }
 
 /// Whether `staged` (the bind-mounted device file of a staging path) is a block device other
-/// than `ours` (this volume's loop device, if attached). A file that is no block device (not
-/// mounted, left by a crash) is nobody's and may be cleaned up.
+/// than `ours` (this volume's loop device, if attached) that still has a backing file. A file
+/// that is no block device (not mounted, left by a crash) is nobody's and may be cleaned up.
 async fn staged_elsewhere(staged: &Path, ours: Option<&Path>) -> bool {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let Ok(md) = tokio::fs::metadata(staged).await else {
         return false;
     };
     if !md.file_type().is_block_device() {
+        return false;
+    }
+    // A loop device with no backing file any more (detached under its bind) is nobody's.
+    let rdev = md.rdev();
+    let (major, minor) = (
+        ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff),
+        (rdev & 0xff) | ((rdev >> 12) & !0xff),
+    );
+    let sys = PathBuf::from(format!("/sys/dev/block/{major}:{minor}/loop/backing_file"));
+    if tokio::fs::metadata(&sys).await.is_err() {
         return false;
     }
     match ours {
