@@ -118,7 +118,7 @@ async fn spans_carry_method_and_volume_id_and_shutdown_drains() {
         "{handler_line}"
     );
     assert!(
-        handler_line.contains("driver=x.stowage.io"),
+        handler_line.contains("driver=\"x.stowage.io\""),
         "{handler_line}"
     );
     let rejected = logs
