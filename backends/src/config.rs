@@ -514,5 +514,16 @@ mod tests {
             let f = ConfigFile::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert_eq!(f.drivers(), [format!("{name}.stowage.io")]);
         }
+        let all = ConfigFile::parse(include_str!("../../examples/all.yaml")).unwrap();
+        assert_eq!(
+            all.drivers(),
+            [
+                "local.stowage.io",
+                "nfs.stowage.io",
+                "glusterfs.stowage.io",
+                "s3.stowage.io",
+                "rbd.stowage.io"
+            ]
+        );
     }
 }
