@@ -8,43 +8,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use stowage_csi::v1;
-use stowage_tests::{Plugin, controller_clients, wire};
+use stowage_tests::{Nfs, Plugin, controller_clients, nfs, wire};
 use tonic::Code;
-
-struct Nfs {
-    server: String,
-    export: String,
-    port: String,
-    mount_port: String,
-    export_dir: PathBuf,
-}
-
-fn nfs() -> Option<Nfs> {
-    let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-    match (
-        get("STOWAGE_NFS_SERVER"),
-        get("STOWAGE_NFS_EXPORT"),
-        get("STOWAGE_NFS_PORT"),
-        get("STOWAGE_NFS_MOUNT_PORT"),
-        get("STOWAGE_NFS_EXPORT_DIR"),
-    ) {
-        (Some(server), Some(export), Some(port), Some(mount_port), Some(dir)) => Some(Nfs {
-            server,
-            export,
-            port,
-            mount_port,
-            export_dir: PathBuf::from(dir),
-        }),
-        _ => {
-            assert!(
-                std::env::var("STOWAGE_REQUIRE_NFS").as_deref() != Ok("1"),
-                "STOWAGE_REQUIRE_NFS=1 but the STOWAGE_NFS_* variables are not set"
-            );
-            eprintln!("NFS server not configured (STOWAGE_NFS_*): NFS controller tests not run");
-            None
-        }
-    }
-}
 
 /// A controller on a fresh base directory inside the export.
 async fn controller(n: &Nfs, dir: &Path, extra: &str) -> (Plugin, stowage_tests::Clients, PathBuf) {

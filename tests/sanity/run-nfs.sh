@@ -2,7 +2,9 @@
 # csi-sanity against the NFS backend: stowage-controller on the host talking NFSv3 from user
 # space to a real nfs-ganesha; stowage-node inside the QEMU node VM (a stock Debian kernel, since
 # this host has no kernel NFS client) doing real `mount -t nfs` there, reached over TCP.
-# NFS_VERS=3 (default) or 4.1 picks the protocol the node mounts with.
+# NFS_VERS=3 (default) or 4.1 picks the protocol the node mounts with. SANITY_MULTI=1: the
+# controller serves local and NFS from one `backends:` configuration (a socket per driver) and
+# csi-sanity talks to its NFS socket.
 # Prints `N passed, N failed` from the JUnit report.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -45,16 +47,26 @@ instances:
     mountOptions: $opts
 YAML
 printf 'onDelete: delete\n' > "$work/mutable.yaml"
-"$bin/stowage-controller" --endpoint "unix://$work/controller.sock" --config "$work/config.yaml" > "$work/controller.log" 2>&1 & pids+=($!)
+ctl_endpoint="unix://$work/controller.sock"
+ctl_sock="$work/controller.sock"
+cp "$work/config.yaml" "$work/controller.yaml"
+if [ "${SANITY_MULTI:-0}" = 1 ]; then
+  # The NFS document above becomes the second entry of a backends: list after a local one.
+  { printf 'backends:\n  - backend: local\n    instances:\n      default: { baseDir: %s }\n' "$work/local"
+    sed -e '1s/^/  - /' -e '2,$s/^/    /' "$work/config.yaml"; } > "$work/controller.yaml"
+  ctl_endpoint="unix://$work/ctl/{driver}.sock"
+  ctl_sock="$work/ctl/nfs.stowage.io.sock"
+fi
+"$bin/stowage-controller" --endpoint "$ctl_endpoint" --config "$work/controller.yaml" > "$work/controller.log" 2>&1 & pids+=($!)
 mkdir -p "$work/mnt" "$work/staging"
 eval "$("$infra/node-vm.sh" start --state "$work/vm" --port 0 --share "$work" --env RUST_LOG=info -- \
   "$bin/stowage-node" --endpoint 'tcp://0.0.0.0:{PORT}' --node-id vm-node --max-volumes 12 --kubelet-root "$work" --kubelet-registration=false --config "$work/config.yaml")"
 echo "node VM ready in ${NODE_VM_READY_SECONDS}s at $NODE_VM_ENDPOINT; NFS server $server, vers=$vers"
-for _ in $(seq 100); do [ -S "$work/controller.sock" ] && break; sleep 0.1; done
+for _ in $(seq 100); do [ -S "$ctl_sock" ] && break; sleep 0.1; done
 rc=0
 timeout 1500 "$sanity" \
   --csi.endpoint "127.0.0.1:$NODE_VM_PORT" \
-  --csi.controllerendpoint "unix://$work/controller.sock" \
+  --csi.controllerendpoint "unix://$ctl_sock" \
   --csi.mountdir "$work/mnt/target" --csi.stagingdir "$work/staging/stage" \
   --csi.testvolumesize 16777216 --csi.testvolumeexpandsize 33554432 \
   --csi.testvolumemutableparameters "$work/mutable.yaml" \
@@ -67,5 +79,7 @@ if [ "$rc" != 0 ]; then
   grep -E "\[FAILED\]" -A8 "$work/sanity.out" | head -80 || true
   tail -n 30 "$work/controller.log" "$work/vm/guest.log" || true
 fi
-echo "== csi-sanity, NFS backend (NFSv$vers, node in the VM) =="
+multi=""
+[ "${SANITY_MULTI:-0}" = 1 ] && multi=", controller serving local + nfs"
+echo "== csi-sanity, NFS backend (NFSv$vers, node in the VM$multi) =="
 python3 "$here/junit-summary.py" "$work/junit.xml" "$here/nfs.skips"

@@ -133,6 +133,13 @@ impl Plugin {
 
     /// Waits (bounded) until the plugin answers Probe.
     pub async fn ready(&mut self) -> Result<Channel> {
+        let endpoint = self.endpoint.clone();
+        self.ready_at(&endpoint).await
+    }
+
+    /// Waits (bounded) until the plugin answers Probe on `endpoint`: one of the per-driver
+    /// sockets of a plugin started with `{driver}` in its endpoint.
+    pub async fn ready_at(&mut self, endpoint: &Endpoint) -> Result<Channel> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -141,7 +148,7 @@ impl Plugin {
                     self.log_text()
                 );
             }
-            if let Ok(ch) = stowage_csi::client::connect(&self.endpoint).await {
+            if let Ok(ch) = stowage_csi::client::connect(endpoint).await {
                 let mut id = IdentityClient::new(ch.clone());
                 if id.probe(stowage_csi::v1::ProbeRequest {}).await.is_ok() {
                     return Ok(ch);
@@ -205,6 +212,45 @@ pub fn controller_clients(ch: Channel) -> Clients {
 
 pub fn node_client(ch: Channel) -> NodeClient<Channel> {
     NodeClient::new(ch)
+}
+
+/// The nfs-ganesha a suite started (tests/infra/ganesha.sh), from its STOWAGE_NFS_* variables.
+pub struct Nfs {
+    pub server: String,
+    pub export: String,
+    pub port: String,
+    pub mount_port: String,
+    /// The exported directory on this machine, where outcomes are checked.
+    pub export_dir: PathBuf,
+}
+
+/// The suite's NFS server, or None (with a note) when there is none; with
+/// STOWAGE_REQUIRE_NFS=1 a missing server is a failure.
+pub fn nfs() -> Option<Nfs> {
+    let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    match (
+        get("STOWAGE_NFS_SERVER"),
+        get("STOWAGE_NFS_EXPORT"),
+        get("STOWAGE_NFS_PORT"),
+        get("STOWAGE_NFS_MOUNT_PORT"),
+        get("STOWAGE_NFS_EXPORT_DIR"),
+    ) {
+        (Some(server), Some(export), Some(port), Some(mount_port), Some(dir)) => Some(Nfs {
+            server,
+            export,
+            port,
+            mount_port,
+            export_dir: PathBuf::from(dir),
+        }),
+        _ => {
+            assert!(
+                std::env::var("STOWAGE_REQUIRE_NFS").as_deref() != Ok("1"),
+                "STOWAGE_REQUIRE_NFS=1 but the STOWAGE_NFS_* variables are not set"
+            );
+            eprintln!("NFS server not configured (STOWAGE_NFS_*): NFS tests not run");
+            None
+        }
+    }
 }
 
 /// A local-backend config rooted at `base`.
