@@ -39,6 +39,9 @@ struct Cli {
 enum Cmd {
     /// List the driver's volumes that have no PV and create PVs for the chosen ones.
     Import(ImportArgs),
+    /// Print the snapshot.storage.k8s.io CRDs (VolumeSnapshot, VolumeSnapshotContent,
+    /// VolumeSnapshotClass) as YAML for kubectl apply.
+    Crds,
 }
 
 #[derive(Args, Debug)]
@@ -197,6 +200,10 @@ async fn shutdown_signal() {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Cmd::Crds) = cli.cmd {
+        print!("{}", stowage_provisioner::snapshot::types::crds_yaml()?);
+        return Ok(());
+    }
     stowage_csi::logging::init(&cli.common.log_format)?;
     let endpoint = Endpoint::parse(&cli.common.csi_endpoint).context("--csi-endpoint")?;
     let rate = Rate {
@@ -223,6 +230,7 @@ async fn main() -> anyhow::Result<()> {
             import::run(&client, &driver, &opts, &mut out).await?;
             Ok(())
         }
+        Some(Cmd::Crds) => Ok(()),
         None => run(cli.common, cli.run, client, endpoint).await,
     }
 }
