@@ -2,4 +2,5 @@
 //! snapshot ↔ content binding, finalizers, status) and of the external-snapshotter sidecar
 //! (the driver's side: CreateSnapshot / DeleteSnapshot for contents of this driver).
 
+pub mod plan;
 pub mod types;
