@@ -575,17 +575,91 @@ fn snapshot_sources() {
     let gib = 1u64 << 30;
     // (what, dataSource?, dataSourceRef namespace, caps, looked-up source, want)
     type Want = Result<&'static str, fn(&PlanError) -> bool>;
-    let cases: Vec<(&str, bool, Option<&str>, DriverCaps, Option<RestoreSource>, Want)> = vec![
+    let cases: Vec<(
+        &str,
+        bool,
+        Option<&str>,
+        DriverCaps,
+        Option<RestoreSource>,
+        Want,
+    )> = vec![
         ("ready", true, None, caps, ready(gib), Ok("default/snap-1")),
-        ("ready, no size", true, None, caps, ready(0), Ok("default/snap-1")),
-        ("as dataSourceRef", false, None, caps, ready(gib), Ok("default/snap-1")),
-        ("dataSourceRef, same namespace", false, Some("db"), caps, ready(gib), Ok("default/snap-1")),
-        ("dataSourceRef, other namespace", false, Some("other"), caps, ready(gib), Err(|e| matches!(e, PlanError::DataSource(m) if m.contains("other namespaces")))),
-        ("bigger than the request", true, None, caps, ready(4 * gib), Err(|e| matches!(e, PlanError::Capacity(m) if m.contains("restoreSize")))),
-        ("not ready", true, None, caps, Some(RestoreSource::NotReady("volumesnapshot \"snap\" is not ready to use yet".into())), Err(|e| matches!(e, PlanError::SourceNotReady(m) if m.contains("not ready")))),
-        ("not looked up", true, None, caps, None, Err(|e| matches!(e, PlanError::SourceNotReady(_)))),
-        ("other driver", true, None, caps, Some(RestoreSource::Refused("volumesnapshot \"snap\" is a snapshot of driver rbd.stowage.io".into())), Err(|e| matches!(e, PlanError::DataSource(m) if m.contains("rbd.stowage.io")))),
-        ("driver without snapshots", true, None, ALL, ready(gib), Err(|e| matches!(e, PlanError::DataSource(m) if m.contains("CREATE_DELETE_SNAPSHOT")))),
+        (
+            "ready, no size",
+            true,
+            None,
+            caps,
+            ready(0),
+            Ok("default/snap-1"),
+        ),
+        (
+            "as dataSourceRef",
+            false,
+            None,
+            caps,
+            ready(gib),
+            Ok("default/snap-1"),
+        ),
+        (
+            "dataSourceRef, same namespace",
+            false,
+            Some("db"),
+            caps,
+            ready(gib),
+            Ok("default/snap-1"),
+        ),
+        (
+            "dataSourceRef, other namespace",
+            false,
+            Some("other"),
+            caps,
+            ready(gib),
+            Err(|e| matches!(e, PlanError::DataSource(m) if m.contains("other namespaces"))),
+        ),
+        (
+            "bigger than the request",
+            true,
+            None,
+            caps,
+            ready(4 * gib),
+            Err(|e| matches!(e, PlanError::Capacity(m) if m.contains("restoreSize"))),
+        ),
+        (
+            "not ready",
+            true,
+            None,
+            caps,
+            Some(RestoreSource::NotReady(
+                "volumesnapshot \"snap\" is not ready to use yet".into(),
+            )),
+            Err(|e| matches!(e, PlanError::SourceNotReady(m) if m.contains("not ready"))),
+        ),
+        (
+            "not looked up",
+            true,
+            None,
+            caps,
+            None,
+            Err(|e| matches!(e, PlanError::SourceNotReady(_))),
+        ),
+        (
+            "other driver",
+            true,
+            None,
+            caps,
+            Some(RestoreSource::Refused(
+                "volumesnapshot \"snap\" is a snapshot of driver rbd.stowage.io".into(),
+            )),
+            Err(|e| matches!(e, PlanError::DataSource(m) if m.contains("rbd.stowage.io"))),
+        ),
+        (
+            "driver without snapshots",
+            true,
+            None,
+            ALL,
+            ready(gib),
+            Err(|e| matches!(e, PlanError::DataSource(m) if m.contains("CREATE_DELETE_SNAPSHOT"))),
+        ),
     ];
     let sc = class(&[]);
     for (what, as_ds, ref_ns, caps, source, want) in cases {
