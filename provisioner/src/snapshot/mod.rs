@@ -154,10 +154,17 @@ async fn snapshot_world(
         .and_then(|st| st.bound_volume_snapshot_content_name.clone())
         .or_else(|| s.spec.source.volume_snapshot_content_name.clone())
         .unwrap_or_else(|| plan::content_name(s));
-    let content = match ctx.contents.get(&ObjectRef::new(&content_name)) {
+    let settled = s.metadata.deletion_timestamp.is_none()
+        && s.status.as_ref().and_then(|st| st.ready_to_use) == Some(true);
+    let cached = ctx
+        .contents
+        .get(&ObjectRef::new(&content_name))
+        .filter(|_| settled);
+    let content = match cached {
         Some(c) => Some((*c).clone()),
-        // A miss is checked with the API: a content made a moment ago may not be cached yet,
-        // and making it twice is refused by the API anyway, but saying "not found" is wrong.
+        // Until the snapshot is ready, the content comes from the API: the content change
+        // that triggered this sync reaches the content cache through another watch, maybe
+        // later, and a stale copy would leave the status behind until the next resync.
         None => Api::<VolumeSnapshotContent>::all(ctx.client.clone())
             .get_opt(&content_name)
             .await
@@ -261,7 +268,14 @@ impl SnapshotRun<'_> {
         let ctx = self.ctx;
         match step {
             SnapshotStep::Ignore => return Ok(Some(Action::await_change())),
-            SnapshotStep::Done => return Ok(Some(Action::requeue(ctx.settings.resync))),
+            SnapshotStep::Done => {
+                let ready = self.s.status.as_ref().and_then(|s| s.ready_to_use) == Some(true);
+                return Ok(Some(Action::requeue(if ready {
+                    ctx.settings.resync
+                } else {
+                    NOT_READY_POLL * 2
+                })));
+            }
             SnapshotStep::Wait(why) => {
                 tracing::info!(reason = %why, "snapshot deletion waits");
                 return Ok(Some(Action::requeue(Duration::from_secs(2))));
@@ -513,7 +527,6 @@ impl ContentRun<'_> {
                 return Ok(Some(Action::await_change()));
             }
             ContentStep::Create(call) => {
-                tracing::Span::current().record("volume_id", call.source_volume_id.as_str());
                 let started = *ctx
                     .started
                     .lock()
@@ -640,8 +653,11 @@ async fn reconcile_content(c: Arc<VolumeSnapshotContent>, ctx: Arc<Ctx>) -> Resu
     let span = info_span!(
         "snapshot_content",
         content = %name,
-        volume_id = c.spec.source.volume_handle.as_deref().unwrap_or("")
+        volume_id = tracing::field::Empty
     );
+    if let Some(h) = c.spec.source.volume_handle.as_deref() {
+        span.record("volume_id", h);
+    }
     async {
         let snapshot = plan::snapshot_key_of(&c).and_then(|(ns, n)| {
             ctx.snapshots
