@@ -750,6 +750,13 @@ pub async fn run(
     host: String,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
+    // Said once at start: without the CRDs every watch below fails and retries quietly.
+    if let Err(e) = Api::<VolumeSnapshotClass>::all(client.clone())
+        .list(&ListParams::default().limit(1))
+        .await
+    {
+        tracing::warn!(error = %e, "cannot list VolumeSnapshotClasses: are the snapshot.storage.k8s.io CRDs installed (provisioner/deploy/crds/)? The snapshot controller waits for them");
+    }
     let wc = watcher::Config::default();
     let snap_api: Api<VolumeSnapshot> = Api::all(client.clone());
     let content_api: Api<VolumeSnapshotContent> = Api::all(client.clone());
