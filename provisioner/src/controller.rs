@@ -94,6 +94,8 @@ pub struct Settings {
     pub pending_resync: Duration,
     /// Longest retry delay after failures.
     pub max_backoff: Duration,
+    /// The snapshot duty also does the common snapshot-controller's part.
+    pub snapshot_common: bool,
 }
 
 pub struct Ctx {
@@ -581,6 +583,8 @@ async fn provision(
         class: &class,
         node_topology,
         clone_source: clone_source(ctx, claim),
+        snapshot_source: crate::snapshot::restore::lookup(&ctx.client, &ctx.driver.name, claim)
+            .await,
     };
     let p = match plan::plan(&input) {
         Ok(p) => p,

@@ -179,6 +179,8 @@ impl Driver {
             publish_unpublish: rpcs.contains(&(Rpc::PublishUnpublishVolume as i32)),
             publish_readonly: rpcs.contains(&(Rpc::PublishReadonly as i32)),
             expand: rpcs.contains(&(Rpc::ExpandVolume as i32)),
+            snapshot: rpcs.contains(&(Rpc::CreateDeleteSnapshot as i32)),
+            list_snapshots: rpcs.contains(&(Rpc::ListSnapshots as i32)),
         };
         Ok(())
     }
@@ -343,5 +345,68 @@ impl Driver {
             None if r.message.is_empty() => Err("not confirmed".into()),
             None => Err(r.message),
         })
+    }
+
+    /// Takes a snapshot (idempotent by name: the same name answers with the same snapshot).
+    pub async fn create_snapshot(
+        &self,
+        request: v1::CreateSnapshotRequest,
+    ) -> Result<v1::Snapshot, DriverError> {
+        let mut ctl = ControllerClient::new(self.channel.clone());
+        let r = self
+            .call(
+                "CreateSnapshot",
+                ctl.create_snapshot(req(request, self.timeout)),
+            )
+            .await?;
+        r.snapshot.ok_or_else(|| DriverError::Rpc {
+            call: "CreateSnapshot",
+            status: Status::internal("the driver returned no snapshot"),
+        })
+    }
+
+    pub async fn delete_snapshot(
+        &self,
+        snapshot_id: &str,
+        secrets: BTreeMap<String, String>,
+    ) -> Result<(), DriverError> {
+        let mut ctl = ControllerClient::new(self.channel.clone());
+        self.call(
+            "DeleteSnapshot",
+            ctl.delete_snapshot(req(
+                v1::DeleteSnapshotRequest {
+                    snapshot_id: snapshot_id.to_owned(),
+                    secrets: secrets.into_iter().collect(),
+                },
+                self.timeout,
+            )),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// One snapshot by ID (ListSnapshots with snapshot_id); None when the driver has no such
+    /// snapshot.
+    pub async fn get_snapshot(
+        &self,
+        snapshot_id: &str,
+    ) -> Result<Option<v1::Snapshot>, DriverError> {
+        let mut ctl = ControllerClient::new(self.channel.clone());
+        let r = self
+            .call(
+                "ListSnapshots",
+                ctl.list_snapshots(req(
+                    v1::ListSnapshotsRequest {
+                        snapshot_id: snapshot_id.to_owned(),
+                        ..Default::default()
+                    },
+                    self.timeout,
+                )),
+            )
+            .await?;
+        Ok(r.entries
+            .into_iter()
+            .filter_map(|e| e.snapshot)
+            .find(|s| s.snapshot_id == snapshot_id))
     }
 }

@@ -1,6 +1,7 @@
-//! The provisioner's duties (provisioning, attaching, resizing), which run side by side in one
-//! process with one client and one leader lease, each started only when the driver can do it:
-//! attach needs PUBLISH_UNPUBLISH_VOLUME, resize EXPAND_VOLUME. Also what the duties share:
+//! The provisioner's duties (provisioning, attaching, resizing, snapshots), which run side by
+//! side in one process with one client and one leader lease, each started only when the driver
+//! can do it: attach needs PUBLISH_UNPUBLISH_VOLUME, resize EXPAND_VOLUME, snapshot
+//! CREATE_DELETE_SNAPSHOT. Also what the duties share:
 //! retry backoff and secret reading.
 
 use std::collections::{BTreeMap, HashMap};
@@ -21,6 +22,7 @@ pub enum Duty {
     Provision,
     Attach,
     Resize,
+    Snapshot,
 }
 
 impl Duty {
@@ -29,6 +31,7 @@ impl Duty {
             Duty::Provision => "provision",
             Duty::Attach => "attach",
             Duty::Resize => "resize",
+            Duty::Snapshot => "snapshot",
         }
     }
 }
@@ -40,8 +43,9 @@ impl FromStr for Duty {
             "provision" => Ok(Duty::Provision),
             "attach" => Ok(Duty::Attach),
             "resize" => Ok(Duty::Resize),
+            "snapshot" => Ok(Duty::Snapshot),
             other => Err(format!(
-                "unknown controller {other:?} (known: provision, attach, resize)"
+                "unknown controller {other:?} (known: provision, attach, resize, snapshot)"
             )),
         }
     }
@@ -61,6 +65,9 @@ pub fn select(asked: &[Duty], caps: DriverCaps) -> (Vec<Duty>, Vec<(Duty, &'stat
             }
             Duty::Resize if !caps.expand => {
                 off.push((d, "the driver has no EXPAND_VOLUME capability"))
+            }
+            Duty::Snapshot if !caps.snapshot => {
+                off.push((d, "the driver has no CREATE_DELETE_SNAPSHOT capability"))
             }
             _ => on.push(d),
         }
@@ -100,6 +107,7 @@ pub async fn run(
             Duty::Provision => Box::pin(crate::controller::run(c, dr, s, m, h, stop())),
             Duty::Attach => Box::pin(crate::attach::run(c, dr, s, m, h, stop())),
             Duty::Resize => Box::pin(crate::resize::run(c, dr, s, m, h, stop())),
+            Duty::Snapshot => Box::pin(crate::snapshot::run(c, dr, s, m, h, stop())),
         };
         tasks.push(tokio::spawn(fut));
         names.push(d.as_str());
@@ -213,27 +221,35 @@ mod tests {
     fn duties_parse() {
         assert_eq!("attach".parse(), Ok(Duty::Attach));
         assert_eq!(" resize".parse(), Ok(Duty::Resize));
-        assert!("snapshot".parse::<Duty>().is_err());
+        assert_eq!("snapshot".parse(), Ok(Duty::Snapshot));
+        assert!("snapshots".parse::<Duty>().is_err());
     }
 
     #[test]
     fn duties_follow_the_capabilities() {
-        let all = [Duty::Provision, Duty::Attach, Duty::Resize, Duty::Attach];
+        let all = [
+            Duty::Provision,
+            Duty::Attach,
+            Duty::Resize,
+            Duty::Snapshot,
+            Duty::Attach,
+        ];
         let none = DriverCaps::default();
         let (on, off) = select(&all, none);
         assert_eq!(on, [Duty::Provision]);
         assert_eq!(
             off.iter().map(|(d, _)| *d).collect::<Vec<_>>(),
-            [Duty::Attach, Duty::Resize]
+            [Duty::Attach, Duty::Resize, Duty::Snapshot]
         );
         let caps = DriverCaps {
             publish_unpublish: true,
             expand: true,
+            snapshot: true,
             ..none
         };
         assert_eq!(
             select(&all, caps).0,
-            [Duty::Provision, Duty::Attach, Duty::Resize]
+            [Duty::Provision, Duty::Attach, Duty::Resize, Duty::Snapshot]
         );
         assert_eq!(select(&[Duty::Resize], caps).0, [Duty::Resize]);
     }

@@ -25,3 +25,4 @@ pub mod objects;
 pub mod plan;
 pub mod quantity;
 pub mod resize;
+pub mod snapshot;

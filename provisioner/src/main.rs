@@ -41,6 +41,9 @@ struct Cli {
 enum Cmd {
     /// List the driver's volumes that have no PV and create PVs for the chosen ones.
     Import(ImportArgs),
+    /// Print the snapshot.storage.k8s.io CRDs (VolumeSnapshot, VolumeSnapshotContent,
+    /// VolumeSnapshotClass) as YAML for kubectl apply.
+    Crds,
 }
 
 #[derive(Args, Debug)]
@@ -87,10 +90,18 @@ struct RunArgs {
     #[arg(long, value_enum, default_value = "kcm")]
     binder: Binder,
     /// Duties to run, comma-separated: provision, attach (VolumeAttachments), resize (claim
-    /// expansion). Attach and resize start only when the driver advertises
-    /// PUBLISH_UNPUBLISH_VOLUME and EXPAND_VOLUME.
-    #[arg(long, value_delimiter = ',', default_value = "provision,attach,resize")]
+    /// expansion), snapshot (VolumeSnapshots). Attach, resize and snapshot start only when the
+    /// driver advertises PUBLISH_UNPUBLISH_VOLUME, EXPAND_VOLUME and CREATE_DELETE_SNAPSHOT.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "provision,attach,resize,snapshot"
+    )]
     controllers: Vec<Duty>,
+    /// The snapshot duty also does the snapshot-controller's common part (binding snapshots
+    /// and contents); false where the cluster runs the upstream snapshot-controller.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    snapshot_common: bool,
     /// Concurrent syncs per controller (claims, volumes).
     #[arg(long, default_value_t = 32)]
     workers: u16,
@@ -213,6 +224,10 @@ fn parse_endpoints(list: &str) -> anyhow::Result<Vec<Endpoint>> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Cmd::Crds) = cli.cmd {
+        print!("{}", stowage_provisioner::snapshot::types::crds_yaml()?);
+        return Ok(());
+    }
     stowage_csi::logging::init(&cli.common.log_format)?;
     let endpoints = parse_endpoints(&cli.common.csi_endpoint)?;
     let rate = Rate {
@@ -245,6 +260,7 @@ async fn main() -> anyhow::Result<()> {
             import::run(&client, &driver, &opts, &mut out).await?;
             Ok(())
         }
+        Some(Cmd::Crds) => Ok(()),
         None => run(cli.common, cli.run, client, endpoints).await,
     }
 }
@@ -325,6 +341,7 @@ async fn run_driver(
         resync: args.resync,
         pending_resync: args.pending_resync,
         max_backoff: args.retry_max_delay,
+        snapshot_common: args.snapshot_common,
     };
     let (duties, skipped) = duties::select(&args.controllers, driver.caps);
     for (d, why) in skipped {
@@ -473,11 +490,14 @@ mod tests {
             assert!(!c.run.leader_elect);
             assert_eq!(
                 c.run.controllers,
-                [Duty::Provision, Duty::Attach, Duty::Resize]
+                [Duty::Provision, Duty::Attach, Duty::Resize, Duty::Snapshot]
             );
+            assert!(c.run.snapshot_common);
+            let c = Cli::try_parse_from(["p", "--snapshot-common=false"]).unwrap();
+            assert!(!c.run.snapshot_common);
             let c = Cli::try_parse_from(["p", "--controllers", "attach,resize"]).unwrap();
             assert_eq!(c.run.controllers, [Duty::Attach, Duty::Resize]);
-            assert!(Cli::try_parse_from(["p", "--controllers", "snapshot"]).is_err());
+            assert!(Cli::try_parse_from(["p", "--controllers", "snapshots"]).is_err());
             let c = Cli::try_parse_from(["p", "import", "--all", "--reclaim-policy", "Delete"])
                 .unwrap();
             assert!(matches!(

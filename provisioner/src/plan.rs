@@ -24,6 +24,8 @@ use crate::objects::{
     FINALIZER, RECLAIM_DELETE, RECLAIM_RECYCLE, RECLAIM_RETAIN,
 };
 use crate::quantity;
+use crate::snapshot::plan::RestoreSource;
+use crate::snapshot::types::GROUP as SNAPSHOT_GROUP;
 
 /// StorageClass parameter choosing the PV's reclaim policy beyond what the StorageClass API
 /// allows (its reclaimPolicy accepts only Delete and Retain): `recycle`, `delete`, `retain`.
@@ -50,6 +52,10 @@ pub struct DriverCaps {
     pub publish_readonly: bool,
     /// EXPAND_VOLUME: ControllerExpandVolume (the resize controller runs).
     pub expand: bool,
+    /// CREATE_DELETE_SNAPSHOT: the snapshot controller runs; claims restore from snapshots.
+    pub snapshot: bool,
+    /// LIST_SNAPSHOTS: pre-provisioned snapshots are checked with the driver.
+    pub list_snapshots: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,6 +107,10 @@ pub enum PlanError {
     Capacity(String),
     #[error("spec.dataSource: {0}")]
     DataSource(String),
+    /// The source exists but cannot be used yet (a snapshot not ready, a claim not bound):
+    /// the claim waits and is retried.
+    #[error("spec.dataSource: waiting for the source: {0}")]
+    SourceNotReady(String),
 }
 
 fn param_err(key: &str, reason: impl Into<String>) -> PlanError {
@@ -119,6 +129,9 @@ pub struct PlanInput<'a> {
     pub node_topology: Option<BTreeMap<String, String>>,
     /// For a clone: the volume handle of the source claim's PV.
     pub clone_source: Option<String>,
+    /// For a restore: what the claim's VolumeSnapshot amounts to (see
+    /// [`crate::snapshot::restore::lookup`]).
+    pub snapshot_source: Option<RestoreSource>,
 }
 
 /// The secret kinds a StorageClass can name, as `csi.storage.k8s.io/<kind>-secret-name`.
@@ -234,6 +247,100 @@ pub(crate) fn capability(
         access_type: Some(access_type),
         access_mode: Some(v1::volume_capability::AccessMode { mode: m as i32 }),
     })
+}
+
+/// The claim's data source as (API group, kind, name): `dataSource`, else `dataSourceRef`
+/// (which may name another namespace: refused, cross-namespace sources need a
+/// ReferenceGrant Stowage does not read).
+fn data_source(
+    claim: &PersistentVolumeClaim,
+) -> Result<Option<(String, String, String)>, PlanError> {
+    let Some(spec) = claim.spec.as_ref() else {
+        return Ok(None);
+    };
+    if let Some(ds) = &spec.data_source {
+        let group = ds.api_group.clone().unwrap_or_default();
+        return Ok(Some((group, ds.kind.clone(), ds.name.clone())));
+    }
+    let Some(r) = &spec.data_source_ref else {
+        return Ok(None);
+    };
+    if let Some(ns) = r
+        .namespace
+        .as_deref()
+        .filter(|ns| *ns != o::namespace(&claim.metadata))
+    {
+        return Err(PlanError::DataSource(format!(
+            "spec.dataSourceRef.namespace {ns:?}: sources in other namespaces are not supported"
+        )));
+    }
+    let group = r.api_group.clone().unwrap_or_default();
+    Ok(Some((group, r.kind.clone(), r.name.clone())))
+}
+
+/// What the volume is created from: another claim's volume (a clone) or a snapshot.
+fn content_source(
+    input: &PlanInput<'_>,
+    requested: u64,
+) -> Result<Option<v1::VolumeContentSource>, PlanError> {
+    let Some((group, kind, name)) = data_source(input.claim)? else {
+        return Ok(None);
+    };
+    use v1::volume_content_source::{SnapshotSource, Type, VolumeSource};
+    let source = |t: Type| Some(v1::VolumeContentSource { r#type: Some(t) });
+    match (group.as_str(), kind.as_str()) {
+        ("", "PersistentVolumeClaim") => {
+            if !input.caps.clone {
+                return Err(PlanError::DataSource(format!(
+                    "{} cannot clone volumes",
+                    input.driver
+                )));
+            }
+            let src = input.clone_source.clone().ok_or_else(|| {
+                PlanError::DataSource(format!(
+                    "claim {name:?} has no bound volume of {} to clone",
+                    input.driver
+                ))
+            })?;
+            Ok(source(Type::Volume(VolumeSource { volume_id: src })))
+        }
+        (SNAPSHOT_GROUP, "VolumeSnapshot") => {
+            if !input.caps.snapshot {
+                return Err(PlanError::DataSource(format!(
+                    "{} cannot restore snapshots (no CREATE_DELETE_SNAPSHOT)",
+                    input.driver
+                )));
+            }
+            match &input.snapshot_source {
+                Some(RestoreSource::Snapshot { id, size_bytes }) => {
+                    // Upstream's rule: a volume smaller than the snapshot cannot hold it.
+                    if *size_bytes > 0 && requested > 0 && requested < *size_bytes {
+                        return Err(PlanError::Capacity(format!(
+                            "requests.storage ({}) is smaller than the restoreSize ({}) of volumesnapshot {name:?}",
+                            quantity::Bytes(requested),
+                            quantity::Bytes(*size_bytes)
+                        )));
+                    }
+                    Ok(source(Type::Snapshot(SnapshotSource {
+                        snapshot_id: id.clone(),
+                    })))
+                }
+                Some(RestoreSource::NotReady(m)) => Err(PlanError::SourceNotReady(m.clone())),
+                Some(RestoreSource::Refused(m)) => Err(PlanError::DataSource(m.clone())),
+                None => Err(PlanError::SourceNotReady(format!(
+                    "volumesnapshot {name:?} not looked up yet"
+                ))),
+            }
+        }
+        _ => Err(PlanError::DataSource(format!(
+            "{}{kind} {name:?} is not a source stowage-provisioner can create volumes from (PersistentVolumeClaim or {SNAPSHOT_GROUP}/VolumeSnapshot)",
+            if group.is_empty() {
+                String::new()
+            } else {
+                format!("{group}/")
+            },
+        ))),
+    }
 }
 
 /// Segments the StorageClass allows: the cross product of each term's keys and values.
@@ -353,42 +460,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
         limit_bytes: to_i64(limit.unwrap_or(0)),
     });
 
-    let volume_content_source = match claim.spec.as_ref().and_then(|s| s.data_source.as_ref()) {
-        None => None,
-        Some(ds)
-            if ds.kind == "PersistentVolumeClaim"
-                && ds.api_group.as_deref().unwrap_or("").is_empty() =>
-        {
-            if !input.caps.clone {
-                return Err(PlanError::DataSource(format!(
-                    "{} cannot clone volumes",
-                    input.driver
-                )));
-            }
-            let src = input.clone_source.clone().ok_or_else(|| {
-                PlanError::DataSource(format!(
-                    "claim {:?} has no bound volume of {} to clone",
-                    ds.name, input.driver
-                ))
-            })?;
-            Some(v1::VolumeContentSource {
-                r#type: Some(v1::volume_content_source::Type::Volume(
-                    v1::volume_content_source::VolumeSource { volume_id: src },
-                )),
-            })
-        }
-        Some(ds) => {
-            return Err(PlanError::DataSource(format!(
-                "{}{} {:?} is not a source stowage-provisioner can create volumes from (PersistentVolumeClaim only)",
-                ds.api_group
-                    .as_deref()
-                    .map(|g| format!("{g}/"))
-                    .unwrap_or_default(),
-                ds.kind,
-                ds.name
-            )));
-        }
-    };
+    let volume_content_source = content_source(input, requested)?;
 
     let accessibility_requirements = if input.caps.topology {
         let segs = match &input.node_topology {

@@ -5,7 +5,8 @@
 # (--binder=kcm) and one started with --no-pv-binder (--binder=builtin); in each, once on the
 # local backend and once on NFS against nfs-ganesha (tests/infra/ganesha.sh), then the attach and
 # resize duties on the local backend and on RBD against a throw-away Ceph (tests/infra/ceph.sh;
-# tests/it/attach_resize.rs). The provisioner
+# tests/it/attach_resize.rs), then the snapshot duty on the local backend
+# (tests/it/snapshots.rs, with the CRDs of provisioner/deploy/crds). The provisioner
 # runs with the ServiceAccount of provisioner/deploy/rbac.yaml. Prints one line: N passed,
 # N failed.
 #
@@ -92,6 +93,17 @@ for mode in kcm builtin; do
     . "$work/$mode/env"
     set +a
     cargo test -p stowage-tests --locked --test attach_resize -- --test-threads=1 2>&1
+  ) | tee "$out"
+  tally_cargo "$out" "${PIPESTATUS[0]}"
+  # The snapshot duty (tests/it/snapshots.rs) on the local backend: snapshot, restore read
+  # back through stowage-node, Delete and Retain checked on the backend, bad classes.
+  echo "-- snapshots, backend local"
+  (
+    set -a
+    # shellcheck disable=SC1091
+    . "$work/$mode/env"
+    set +a
+    cargo test -p stowage-tests --locked --test snapshots -- --test-threads=1 2>&1
   ) | tee "$out"
   tally_cargo "$out" "${PIPESTATUS[0]}"
   "$kube" stop --state "$work/$mode" >/dev/null 2>&1

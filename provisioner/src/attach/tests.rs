@@ -24,6 +24,8 @@ const CAPS: DriverCaps = DriverCaps {
     publish_unpublish: true,
     publish_readonly: true,
     expand: true,
+    snapshot: false,
+    list_snapshots: false,
 };
 
 fn pv(modes: &[&str], finalizers: &[&str]) -> PersistentVolume {

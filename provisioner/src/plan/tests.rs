@@ -67,6 +67,7 @@ fn input<'a>(
         class: sc,
         node_topology: None,
         clone_source: None,
+        snapshot_source: None,
     }
 }
 
@@ -77,6 +78,8 @@ const ALL: DriverCaps = DriverCaps {
     publish_unpublish: true,
     publish_readonly: true,
     expand: true,
+    snapshot: false,
+    list_snapshots: false,
 };
 
 fn modes_of(p: &Plan) -> Vec<Mode> {
@@ -548,4 +551,153 @@ fn pv_records_the_volume() {
         "2Gi"
     );
     assert!(pv.metadata.finalizers.is_none());
+}
+
+#[test]
+fn snapshot_sources() {
+    use k8s_openapi::api::core::v1::TypedObjectReference;
+    use v1::volume_content_source::{SnapshotSource, Type};
+    let snap_ref = || TypedLocalObjectReference {
+        api_group: Some("snapshot.storage.k8s.io".into()),
+        kind: "VolumeSnapshot".into(),
+        name: "snap".into(),
+    };
+    let caps = DriverCaps {
+        snapshot: true,
+        ..ALL
+    };
+    let ready = |size: u64| {
+        Some(RestoreSource::Snapshot {
+            id: "default/snap-1".into(),
+            size_bytes: size,
+        })
+    };
+    let gib = 1u64 << 30;
+    // (what, dataSource?, dataSourceRef namespace, caps, looked-up source, want)
+    type Want = Result<&'static str, fn(&PlanError) -> bool>;
+    let cases: Vec<(
+        &str,
+        bool,
+        Option<&str>,
+        DriverCaps,
+        Option<RestoreSource>,
+        Want,
+    )> = vec![
+        ("ready", true, None, caps, ready(gib), Ok("default/snap-1")),
+        (
+            "ready, no size",
+            true,
+            None,
+            caps,
+            ready(0),
+            Ok("default/snap-1"),
+        ),
+        (
+            "as dataSourceRef",
+            false,
+            None,
+            caps,
+            ready(gib),
+            Ok("default/snap-1"),
+        ),
+        (
+            "dataSourceRef, same namespace",
+            false,
+            Some("db"),
+            caps,
+            ready(gib),
+            Ok("default/snap-1"),
+        ),
+        (
+            "dataSourceRef, other namespace",
+            false,
+            Some("other"),
+            caps,
+            ready(gib),
+            Err(|e| matches!(e, PlanError::DataSource(m) if m.contains("other namespaces"))),
+        ),
+        (
+            "bigger than the request",
+            true,
+            None,
+            caps,
+            ready(4 * gib),
+            Err(|e| matches!(e, PlanError::Capacity(m) if m.contains("restoreSize"))),
+        ),
+        (
+            "not ready",
+            true,
+            None,
+            caps,
+            Some(RestoreSource::NotReady(
+                "volumesnapshot \"snap\" is not ready to use yet".into(),
+            )),
+            Err(|e| matches!(e, PlanError::SourceNotReady(m) if m.contains("not ready"))),
+        ),
+        (
+            "not looked up",
+            true,
+            None,
+            caps,
+            None,
+            Err(|e| matches!(e, PlanError::SourceNotReady(_))),
+        ),
+        (
+            "other driver",
+            true,
+            None,
+            caps,
+            Some(RestoreSource::Refused(
+                "volumesnapshot \"snap\" is a snapshot of driver rbd.stowage.io".into(),
+            )),
+            Err(|e| matches!(e, PlanError::DataSource(m) if m.contains("rbd.stowage.io"))),
+        ),
+        (
+            "driver without snapshots",
+            true,
+            None,
+            ALL,
+            ready(gib),
+            Err(|e| matches!(e, PlanError::DataSource(m) if m.contains("CREATE_DELETE_SNAPSHOT"))),
+        ),
+    ];
+    let sc = class(&[]);
+    for (what, as_ds, ref_ns, caps, source, want) in cases {
+        let mut c = claim(&["ReadWriteOnce"]);
+        let spec = c.spec.as_mut().unwrap();
+        if as_ds {
+            spec.data_source = Some(snap_ref());
+        } else {
+            spec.data_source_ref = Some(TypedObjectReference {
+                api_group: Some("snapshot.storage.k8s.io".into()),
+                kind: "VolumeSnapshot".into(),
+                name: "snap".into(),
+                namespace: ref_ns.map(Into::into),
+            });
+        }
+        let mut i = input(&c, &sc, caps);
+        i.snapshot_source = source;
+        match (plan(&i), want) {
+            (Ok(p), Ok(id)) => assert_eq!(
+                p.request.volume_content_source.and_then(|s| s.r#type),
+                Some(Type::Snapshot(SnapshotSource {
+                    snapshot_id: id.into()
+                })),
+                "{what}"
+            ),
+            (Err(e), Err(check)) => assert!(check(&e), "{what}: {e:?}"),
+            (got, _) => panic!("{what}: unexpected {got:?}"),
+        }
+    }
+    // Another kind names what is accepted.
+    let mut c = claim(&["ReadWriteOnce"]);
+    c.spec.as_mut().unwrap().data_source = Some(TypedLocalObjectReference {
+        api_group: Some("example.com".into()),
+        kind: "Backup".into(),
+        name: "b".into(),
+    });
+    assert!(matches!(
+        plan(&input(&c, &sc, caps)),
+        Err(PlanError::DataSource(m)) if m.contains("example.com/Backup") && m.contains("VolumeSnapshot")
+    ));
 }

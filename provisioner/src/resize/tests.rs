@@ -20,6 +20,8 @@ const CAPS: DriverCaps = DriverCaps {
     publish_unpublish: true,
     publish_readonly: true,
     expand: true,
+    snapshot: false,
+    list_snapshots: false,
 };
 
 fn storage_map(s: &str) -> Option<BTreeMap<String, Quantity>> {
