@@ -13,7 +13,7 @@
 #
 # Caches (keyed by their inputs, under $STOWAGE_CACHE/images, default ~/.cache/stowage/images):
 #   debs/                          every downloaded .deb (apt reuses them; only lists are fetched)
-#   stowage-rootfs-<key>.tar       the package root filesystem (key: packages.txt + this script)
+#   stowage-rootfs-<key>/          the package root filesystem (key: the package list + recipe)
 #   stowage-<version>.tar + .stamp the image (key: rootfs key + the binaries' checksums)
 # Release build: CARGO_TARGET_DIR, default $STOWAGE_CACHE/target-release.
 # Measured here: rootfs cold ~9 min (downloads), warm ~1-2 min; image assembly ~30 s.
@@ -68,9 +68,11 @@ mkdir -p "$IMG_DIR/debs"
 exec 8>"$IMG_DIR/.stowage-image.lock"
 flock -w 1800 8 || die "timed out waiting for $IMG_DIR/.stowage-image.lock"
 
-rootfs_key="$(cat "$HERE/packages.txt" "$HERE/packages.sh" "${BASH_SOURCE[0]}" | sha256sum | cut -c1-16)"
-rootfs="$IMG_DIR/stowage-rootfs-$rootfs_key.tar"
-image_key="$rootfs_key $version $(cd "$bin_dir" && sha256sum "${BINS[@]}" | sha256sum | cut -c1-16)"
+# Bump when the mmdebstrap recipe below changes (the key of the cached root filesystem).
+ROOTFS_RECIPE=1
+rootfs_key="$( (cat "$HERE/packages.txt" "$HERE/packages.sh"; echo "$SUITE $ROOTFS_RECIPE") | sha256sum | cut -c1-16)"
+rootfs="$IMG_DIR/stowage-rootfs-$rootfs_key"
+image_key="$rootfs_key $version $(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16) $(cd "$bin_dir" && sha256sum "${BINS[@]}" | sha256sum | cut -c1-16)"
 tarball="$IMG_DIR/stowage-$version.tar"
 
 size_of() { # uncompressed size of the image: the sum of its layers' diff sizes
@@ -118,6 +120,8 @@ build_rootfs() {
   log "mmdebstrap $SUITE: ${#install[@]} packages (downloads cached in $IMG_DIR/debs)"
   # essential variant: no apt in the image. Downloaded debs are copied into the cache before
   # mmdebstrap's cleanup removes them; cached ones are offered to apt up front.
+  rm -rf "$rootfs.tmp"
+  # (An output path without .tar: mmdebstrap writes a directory.)
   mmdebstrap --variant=essential --include="$list" \
     --skip=essential/unlink \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
@@ -133,10 +137,10 @@ build_rootfs() {
     { tail -n 20 "$IMG_DIR/mmdebstrap.log" >&2; die "mmdebstrap failed (log: $IMG_DIR/mmdebstrap.log)"; }
   mv -f "$rootfs.tmp" "$rootfs"
   # Older root filesystems of other keys are dead weight.
-  for p in "$IMG_DIR"/stowage-rootfs-*.tar; do [[ "$p" == "$rootfs" ]] || rm -f "$p"; done
+  for p in "$IMG_DIR"/stowage-rootfs-*; do [[ "$p" == "$rootfs" ]] || rm -rf "$p"; done
   log "root filesystem built in $((SECONDS - t0))s: $rootfs"
 }
-[[ -f "$rootfs" ]] || build_rootfs
+[[ -d "$rootfs/usr" ]] || build_rootfs
 
 # --- the image: layer 1 the packages, layer 2 the binaries ---------------------------------------
 need umoci umoci
@@ -148,7 +152,7 @@ trap 'rm -rf "$w"' EXIT
 umoci init --layout "$w/layout"
 umoci new --image "$w/layout:$version"
 umoci unpack --image "$w/layout:$version" "$w/bundle" >/dev/null
-tar -xpf "$rootfs" -C "$w/bundle/rootfs" --numeric-owner
+cp -a "$rootfs/." "$w/bundle/rootfs/"
 umoci repack --image "$w/layout:$version" "$w/bundle"
 for b in "${BINS[@]}"; do install -m 0755 "$bin_dir/$b" "$w/bundle/rootfs/usr/local/bin/$b"; done
 umoci repack --image "$w/layout:$version" "$w/bundle"
