@@ -198,7 +198,13 @@ kubeletRoot: $KUBELET_ROOT
 stateDir: $work/state
 runDir: $work/run
 logFormat: text
-controller: {metricsPort: $metrics}
+# No kube-proxy here: the controller pod reaches the apiserver on the host's loopback.
+controller:
+  metricsPort: $metrics
+  hostNetwork: true
+  extraEnv:
+    - {name: KUBERNETES_SERVICE_HOST, value: "127.0.0.1"}
+    - {name: KUBERNETES_SERVICE_PORT, value: "${STOWAGE_KUBE_SERVER##*:}"}
 node: {healthPort: $health}
 backends:
   local:
