@@ -278,6 +278,59 @@ else
   fail "helm test" "$(tail -n 5 <<<"$out" | tr '\n' ' '); $(k -n "$ns" logs "$rel-test" 2>&1 | tail -n 3 | tr '\n' ' ')"
 fi
 
+# helm upgrade that changes the node pods' template (the DaemonSet rolls) while a pod writes.
+cat <<EOF | k apply -n default -f - >/dev/null
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: helm-steady}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 16Mi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: helm-steady}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: c
+    image: $image
+    imagePullPolicy: Never
+    command: ["/bin/sh", "-c", "i=0; while :; do i=\$((i+1)); echo \$i >> /data/log || { echo WRITE-FAILED; exit 1; }; sleep 0.2; done"]
+    volumeMounts: [{name: d, mountPath: /data}]
+  volumes: [{name: d, persistentVolumeClaim: {claimName: helm-steady}}]
+EOF
+steady_running() { [ "$(k -n default get pod helm-steady -o 'jsonpath={.status.phase}')" = Running ]; }
+lines() { k -n default exec helm-steady -- sh -c 'wc -l < /data/log' 2>/dev/null | tr -dc 0-9; }
+node_pod() { k -n "$ns" get pods -l app.kubernetes.io/component=node -o 'jsonpath={.items[*].metadata.name}'; }
+replaced() { local p; p=$(node_pod); [ -n "$p" ] && [ "$p" != "$1" ] && [ "$(wc -w <<<"$p")" = 1 ]; }
+writing() { [ -n "$(lines)" ]; }
+gone() { ! k -n default get pod "$1" >/dev/null 2>&1; }
+s_upgrade() {
+  local old new n1 n2 n3 gaps
+  until_ok 120 steady_running || { why="writer pod not Running: $(k -n default get pod helm-steady -o wide 2>&1 | tail -n 1)"; return 1; }
+  until_ok 30 writing || { why="writer not writing"; return 1; }
+  old=$(node_pod); n1=$(lines)
+  "$helm" upgrade "$rel" "$chart" -n "$ns" -f "$work/values.yaml" --set-string node.podAnnotations.rolled=1 \
+    --wait --timeout 180s >"$work/upgrade.log" 2>&1 || { why="helm upgrade: $(tail -n 2 "$work/upgrade.log" | tr '\n' ' ')"; return 1; }
+  until_ok 120 replaced "$old" || { why="node pod not replaced ($old -> $(node_pod))"; return 1; }
+  new=$(node_pod)
+  until_ok 90 ready_all node || { why="new node pod $new not ready"; return 1; }
+  n2=$(lines); sleep 3; n3=$(lines)
+  [ "$(k -n default get pod helm-steady -o 'jsonpath={.status.phase}')" = Running ] || { why="writer pod stopped: $(k -n default logs helm-steady 2>&1 | tail -n 1)"; return 1; }
+  [ -n "$n1" ] && [ -n "$n3" ] && [ "$n2" -gt "$n1" ] && [ "$n3" -gt "$n2" ] || { why="writes stalled across the roll ($n1 -> $n2 -> $n3 lines)"; return 1; }
+  # Every line 1..N present once, in order: nothing lost while the node plugin was replaced.
+  gaps=$(k -n default exec helm-steady -- awk '$1 != NR {print NR; exit}' /data/log 2>&1)
+  [ -z "$gaps" ] || { why="log has a gap at line $gaps"; return 1; }
+  detail="node pod $old -> $new, writer kept writing ($n1 -> $n3 lines, none missing)"
+  k -n default delete pod helm-steady --wait=false >/dev/null 2>&1
+  until_ok 90 gone helm-steady
+  k -n default delete pvc helm-steady --wait=false >/dev/null 2>&1
+}
+why=""; detail=""
+if s_upgrade; then pass "helm upgrade rolls the node DaemonSet while a pod writes" "$detail"; else fail "helm upgrade while a pod writes" "$why"; fi
+
 # Uninstall keeps a Retain PV and its bytes.
 cat <<EOF | k apply -n default -f - >/dev/null
 apiVersion: v1
@@ -303,7 +356,6 @@ spec:
   volumes: [{name: d, persistentVolumeClaim: {claimName: helm-retain}}]
 EOF
 succeeded() { [ "$(k -n default get pod "$1" -o 'jsonpath={.status.phase}')" = Succeeded ]; }
-gone() { ! k -n default get pod "$1" >/dev/null 2>&1; }
 retain_pv=""
 if until_ok 180 succeeded helm-retain-writer; then
   retain_pv=$(k -n default get pvc helm-retain -o 'jsonpath={.spec.volumeName}')
