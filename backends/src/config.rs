@@ -1,9 +1,6 @@
-//! The YAML configuration file: which backend this process serves and its named instances.
+//! The YAML configuration file: the backends a process serves and their named instances.
 //!
-//! One process serves one backend (one CSI driver name, one socket), because CSIDriver objects
-//! differ per backend (attachRequired, fsGroupPolicy) and a crash in one backend's mount helper
-//! must not take the others down. Several instances of that backend (NFS servers, base
-//! directories) can live in one file; StorageClass parameter `instance` picks one.
+//! Two forms. One backend, as every file before multi-backend support was written:
 //!
 //! ```yaml
 //! backend: nfs
@@ -13,23 +10,59 @@
 //!     export: /export
 //!     baseDir: stowage
 //! ```
-//! Secrets never go here: they come in CSI requests.
+//!
+//! Or a `backends:` list whose entries are exactly such documents, at most one per backend
+//! kind, so that one stowage-controller and one stowage-node serve every driver (one socket
+//! per driver, since CSIDriver settings such as attachRequired differ per driver):
+//!
+//! ```yaml
+//! backends:
+//!   - backend: local
+//!     instances:
+//!       default: { baseDir: /var/lib/stowage/local }
+//!   - backend: nfs
+//!     instances:
+//!       main: { server: 10.0.0.5, export: /export, baseDir: stowage }
+//! ```
+//!
+//! Several instances of a backend (NFS servers, base directories) live in its one entry;
+//! StorageClass parameter `instance` picks one. Secrets never go here: they come in CSI
+//! requests.
+//!
+//! Each backend module owns its instance type (`local::config`, `nfs::config`, ...); this
+//! module only assembles them, so nothing below it depends on it.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::fmt;
+use std::path::Path;
 
 use serde::Deserialize;
+use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use crate::error::{Error, Result};
 
+pub use crate::fs::DirSettings;
+pub use crate::glusterfs::GlusterConfig;
+pub use crate::local::LocalInstance;
+pub use crate::nfs::NfsInstance;
+pub use crate::rbd::RbdInstance;
+pub use crate::s3::{S3Config, S3Instance};
+
+/// The values of `backend:`, in the order error messages list them.
+pub const KINDS: &[&str] = &["local", "nfs", "glusterfs", "s3", "rbd"];
+
+/// The placeholder in per-driver flags (`--endpoint`, `--kubelet-registration-path`).
+pub const DRIVER_PLACEHOLDER: &str = "{driver}";
+
+/// One backend and its instances.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "backend", rename_all = "lowercase")]
 pub enum Config {
     Local(Instances<LocalInstance>),
     Nfs(Instances<NfsInstance>),
     S3(S3Config),
-    Glusterfs(crate::glusterfs::GlusterConfig),
-    Rbd(Instances<crate::rbd::RbdInstance>),
+    Glusterfs(GlusterConfig),
+    Rbd(Instances<RbdInstance>),
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -38,200 +71,47 @@ pub struct Instances<T> {
     pub instances: BTreeMap<String, T>,
 }
 
-/// Ownership and size limit of new volume directories, common to the directory backends
-/// (serde's `flatten` cannot be combined with `deny_unknown_fields`, so each instance type
-/// repeats the fields and hands them over through [`DirSettings`]).
-#[derive(Debug, Clone, Default)]
-pub struct DirSettings {
-    pub dir_mode: Option<String>,
-    pub dir_uid: Option<u32>,
-    pub dir_gid: Option<u32>,
-    pub max_volume_bytes: u64,
+/// A whole configuration file: the backends one process serves, at most one of each kind,
+/// in the order the file gives them.
+#[derive(Debug, Clone)]
+pub struct ConfigFile {
+    pub backends: Vec<Config>,
 }
 
-impl DirSettings {
-    pub fn attrs(&self) -> Result<crate::fs::DirAttrs> {
-        let mode = match &self.dir_mode {
-            None => 0o777,
-            Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
-                .ok()
-                .filter(|m| *m <= 0o7777)
-                .ok_or_else(|| {
-                    Error::invalid(
-                        "dirMode",
-                        format!("{m:?} is not an octal mode such as \"0775\""),
-                    )
-                })?,
-        };
-        Ok(crate::fs::DirAttrs {
-            mode,
-            uid: self.dir_uid,
-            gid: self.dir_gid,
-        })
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct LocalInstance {
-    /// Directory holding this instance's volumes (created if missing).
-    pub base_dir: PathBuf,
-    /// Offer raw block volumes (sparse image + loop device). Default true.
-    #[serde(default = "yes")]
-    pub block: bool,
-    /// Mode of new volume directories, octal text as in chmod ("0775"). Default 0777.
-    pub dir_mode: Option<String>,
-    pub dir_uid: Option<u32>,
-    pub dir_gid: Option<u32>,
-    /// Largest volume handed out, in bytes (0 or absent = no limit).
-    #[serde(default)]
-    pub max_volume_bytes: u64,
-    /// How directory volumes' sizes are enforced: `auto` (default: project quotas when the
-    /// base directory's filesystem has them on, else recorded only), `quota`, `image` (an
-    /// ext4 image per volume on a loop device), `off`. See `local::capacity`.
-    pub capacity: Option<String>,
-}
-
-macro_rules! dir_settings {
-    ($t:ty) => {
-        impl $t {
-            pub fn dir_settings(&self) -> DirSettings {
-                DirSettings {
-                    dir_mode: self.dir_mode.clone(),
-                    dir_uid: self.dir_uid,
-                    dir_gid: self.dir_gid,
-                    max_volume_bytes: self.max_volume_bytes,
-                }
-            }
-        }
-    };
-}
-dir_settings!(LocalInstance);
-dir_settings!(NfsInstance);
-
-fn yes() -> bool {
-    true
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct NfsInstance {
-    /// NFS server address (IP or name) as both controller and nodes reach it.
-    pub server: String,
-    /// Exported path (the pseudo path for NFSv4/ganesha), e.g. /export.
-    pub export: String,
-    /// Directory inside the export that holds the volumes; "" = the export root.
-    #[serde(default)]
-    pub base_dir: String,
-    /// NFS and MOUNT ports; absent = ask the server's portmapper.
-    pub nfs_port: Option<u16>,
-    pub mount_port: Option<u16>,
-    /// AUTH_SYS identity of the controller's NFS client (the owner of what it creates).
-    #[serde(default)]
-    pub uid: u32,
-    #[serde(default)]
-    pub gid: u32,
-    /// Connect from a port below 1024 (needs root); servers with `secure` exports demand it.
-    #[serde(default)]
-    pub privileged_port: bool,
-    /// Mount options nodes use unless the StorageClass gives mountOptions, e.g. [nfsvers=4.1].
-    #[serde(default)]
-    pub mount_options: Vec<String>,
-    /// Seconds before an NFS call from the controller is given up.
-    #[serde(default = "default_timeout")]
-    pub timeout_secs: u64,
-    /// Mode of new volume directories, octal text as in chmod ("0775"). Default 0777.
-    pub dir_mode: Option<String>,
-    pub dir_uid: Option<u32>,
-    pub dir_gid: Option<u32>,
-    /// Largest volume handed out, in bytes (0 or absent = no limit).
-    #[serde(default)]
-    pub max_volume_bytes: u64,
-}
-
-fn default_timeout() -> u64 {
-    10
-}
-
-/// `backend: s3`: S3 endpoints (AWS, Ceph RGW, MinIO...). Credentials are never configured
-/// here: they come from the CSI secrets of each request.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct S3Config {
-    pub instances: BTreeMap<String, S3Instance>,
-    /// Node only: where staged mounts are recorded (with their credentials, mode 0600) so that
-    /// a restarted node plugin can find and heal them.
-    #[serde(default = "default_s3_state_dir")]
-    pub node_state_dir: PathBuf,
-}
-
-fn default_s3_state_dir() -> PathBuf {
-    PathBuf::from("/var/lib/stowage/s3")
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct S3Instance {
-    /// `http(s)://host[:port]`; absent = AWS (the regional endpoint of `region`).
-    pub endpoint: Option<String>,
-    #[serde(default = "default_s3_region")]
-    pub region: String,
-    /// Path-style addressing (`endpoint/bucket/key`), which RGW and MinIO usually need.
-    #[serde(default)]
-    pub path_style: bool,
-    /// `bucket` (a bucket per volume, default) or `prefix` (a prefix per volume in `bucket`).
-    pub mode: Option<String>,
-    /// The shared bucket of prefix mode (created if missing).
-    pub bucket: Option<String>,
-    /// Prepended to bucket names in bucket mode, e.g. `k8s-`.
-    #[serde(default)]
-    pub bucket_prefix: String,
-    /// FUSE mounter nodes use: s3fs (default) or rclone.
-    pub mounter: Option<String>,
-    /// Mounter options used when the StorageClass gives no mountOptions.
-    #[serde(default)]
-    pub mount_options: Vec<String>,
-    /// Seconds before one S3 call from the controller is given up.
-    #[serde(default = "default_s3_timeout")]
-    pub timeout_secs: u64,
-    /// Largest volume handed out, in bytes (0 or absent = no limit).
-    #[serde(default)]
-    pub max_volume_bytes: u64,
-}
-
-fn default_s3_region() -> String {
-    "us-east-1".into()
-}
-
-fn default_s3_timeout() -> u64 {
-    30
-}
-
-impl Config {
+impl ConfigFile {
     pub fn parse(text: &str) -> Result<Self> {
-        let cfg: Config = serde_saphyr::from_str(text).map_err(|e| Error::invalid("config", e))?;
-        let names: Vec<&String> = match &cfg {
-            Config::Local(i) => i.instances.keys().collect(),
-            Config::Nfs(i) => i.instances.keys().collect(),
-            Config::S3(i) => i.instances.keys().collect(),
-            Config::Glusterfs(i) => i.instances.keys().collect(),
-            Config::Rbd(i) => i.instances.keys().collect(),
+        let outline: Outline =
+            serde_saphyr::from_str(text).map_err(|e| Error::invalid("config", e))?;
+        let Some(entries) = outline.backends else {
+            // Today's single-backend form, parsed exactly as before.
+            let cfg: Config =
+                serde_saphyr::from_str(text).map_err(|e| Error::invalid("config", e))?;
+            cfg.validate().map_err(|e| Error::invalid("config", e))?;
+            return Ok(ConfigFile {
+                backends: vec![cfg],
+            });
         };
-        if names.is_empty() {
+        if let Some(other) = outline.keys.iter().find(|k| *k != "backends") {
             return Err(Error::invalid(
                 "config",
-                "instances: at least one instance is required",
+                format!(
+                    "{other}: a file with a backends: list has no other top-level keys \
+                     (move {other} into an entry of backends)"
+                ),
             ));
         }
-        for n in names {
-            crate::volume_id::validate_instance_name(n).map_err(|_| {
-                Error::invalid(
-                    "config",
-                    format!("instance name {n:?} must be 1-32 of [a-z0-9-_]"),
-                )
-            })?;
+        check_kinds(&entries.0).map_err(|e| Error::invalid("config", e))?;
+        // Without the source snippet: it would show the start of the list, not the entry the
+        // message names.
+        let list: List = serde_saphyr::from_str(text)
+            .map_err(|e| Error::invalid("config", e.without_snippet()))?;
+        for (i, cfg) in list.backends.0.iter().enumerate() {
+            cfg.validate()
+                .map_err(|e| Error::invalid("config", format!("backends[{i}].{e}")))?;
         }
-        Ok(cfg)
+        Ok(ConfigFile {
+            backends: list.backends.0,
+        })
     }
 
     pub fn load(path: &Path) -> Result<Self> {
@@ -243,6 +123,77 @@ impl Config {
             }
             other => other,
         })
+    }
+
+    /// The driver names, in file order.
+    pub fn drivers(&self) -> Vec<&'static str> {
+        self.backends.iter().map(Config::driver_name).collect()
+    }
+
+    /// The one backend of a single-backend file; programs that serve one driver use it.
+    pub fn into_single(self) -> Result<Config> {
+        let drivers = self.drivers().join(", ");
+        let mut backends = self.backends;
+        match backends.len() {
+            1 => Ok(backends.remove(0)),
+            n => Err(Error::invalid(
+                "config",
+                format!(
+                    "backends: this program serves one backend; the file lists {n} ({drivers})"
+                ),
+            )),
+        }
+    }
+
+    /// Checks a per-driver setting such as `--endpoint`: with more than one backend it must
+    /// contain `{driver}`, or every driver would claim the same socket.
+    pub fn check_per_driver(&self, flag: &str, value: &str) -> std::result::Result<(), String> {
+        if self.backends.len() > 1 && !value.contains(DRIVER_PLACEHOLDER) {
+            return Err(format!(
+                "{flag} {value:?} must contain {DRIVER_PLACEHOLDER} when the configuration \
+                 names several backends ({}), e.g. unix:///csi/{DRIVER_PLACEHOLDER}.sock",
+                self.drivers().join(", ")
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `value` with `{driver}` replaced by the driver name.
+pub fn per_driver(value: &str, driver: &str) -> String {
+    value.replace(DRIVER_PLACEHOLDER, driver)
+}
+
+impl Config {
+    /// Parses a single-backend file (or a `backends:` list of exactly one).
+    pub fn parse(text: &str) -> Result<Self> {
+        ConfigFile::parse(text)?.into_single()
+    }
+
+    /// Loads a single-backend file (or a `backends:` list of exactly one).
+    pub fn load(path: &Path) -> Result<Self> {
+        ConfigFile::load(path)?.into_single()
+    }
+
+    /// What serde cannot check: at least one instance, and instance names that fit in a
+    /// volume ID. The error starts with the field it names.
+    fn validate(&self) -> std::result::Result<(), String> {
+        let names: Vec<&String> = match self {
+            Config::Local(i) => i.instances.keys().collect(),
+            Config::Nfs(i) => i.instances.keys().collect(),
+            Config::S3(i) => i.instances.keys().collect(),
+            Config::Glusterfs(i) => i.instances.keys().collect(),
+            Config::Rbd(i) => i.instances.keys().collect(),
+        };
+        if names.is_empty() {
+            return Err("instances: at least one instance is required".into());
+        }
+        for n in names {
+            crate::volume_id::validate_instance_name(n).map_err(|_| {
+                format!("instances: instance name {n:?} must be 1-32 of [a-z0-9-_]")
+            })?;
+        }
+        Ok(())
     }
 
     /// Whether the backend's controller offers snapshots (and so group snapshots). Node
@@ -267,6 +218,138 @@ impl Config {
             Config::Glusterfs(_) => crate::glusterfs::DRIVER,
             Config::Rbd(_) => crate::rbd::DRIVER,
         }
+    }
+}
+
+/// Entry `i` of `backends:` names a kind, a known one, and one no earlier entry named.
+fn check_kinds(entries: &[EntryOutline]) -> std::result::Result<(), String> {
+    if entries.is_empty() {
+        return Err("backends: the list is empty; name at least one backend".into());
+    }
+    let known = KINDS.join(", ");
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for (i, e) in entries.iter().enumerate() {
+        let Some(kind) = e.backend.as_deref() else {
+            return Err(format!("backends[{i}].backend: missing (one of {known})"));
+        };
+        if !KINDS.contains(&kind) {
+            return Err(format!(
+                "backends[{i}].backend: unknown backend {kind:?} (one of {known})"
+            ));
+        }
+        if let Some(first) = seen.insert(kind, i) {
+            return Err(format!(
+                "backends[{i}].backend: {kind} is already configured by backends[{first}]; \
+                 list each backend once, with all its instances in that entry"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The file's top-level keys and, for the list form, each entry's `backend:`. Read first so
+/// the form can be told apart and the list checked with messages that name the entry.
+struct Outline {
+    keys: Vec<String>,
+    backends: Option<Indexed<EntryOutline>>,
+}
+
+impl<'de> Deserialize<'de> for Outline {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Outline;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping with `backend:` or `backends:`")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Outline, A::Error> {
+                let mut out = Outline {
+                    keys: Vec::new(),
+                    backends: None,
+                };
+                while let Some(k) = m.next_key::<String>()? {
+                    if k == "backends" {
+                        out.backends = Some(m.next_value()?);
+                    } else {
+                        m.next_value::<IgnoredAny>()?;
+                    }
+                    out.keys.push(k);
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// An entry of `backends:` reduced to its `backend:` value.
+struct EntryOutline {
+    backend: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for EntryOutline {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = EntryOutline;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping with `backend:` and `instances:`")
+            }
+            fn visit_map<A: MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<EntryOutline, A::Error> {
+                let mut backend = None;
+                while let Some(k) = m.next_key::<String>()? {
+                    if k == "backend" {
+                        backend = Some(m.next_value::<String>()?);
+                    } else {
+                        m.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(EntryOutline { backend })
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct List {
+    backends: Indexed<Config>,
+}
+
+/// A sequence whose element errors say which element: `backends[1]: unknown field ...`.
+struct Indexed<T>(Vec<T>);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Indexed<T> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Indexed<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of backends")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(
+                self,
+                mut s: A,
+            ) -> std::result::Result<Indexed<T>, A::Error> {
+                let mut out = Vec::new();
+                loop {
+                    let i = out.len();
+                    match s.next_element::<T>() {
+                        Ok(Some(v)) => out.push(v),
+                        Ok(None) => return Ok(Indexed(out)),
+                        Err(e) => return Err(de::Error::custom(format!("backends[{i}]: {e}"))),
+                    }
+                }
+            }
+        }
+        d.deserialize_seq(V(std::marker::PhantomData))
     }
 }
 
@@ -313,5 +396,123 @@ mod tests {
         .clone();
         let Config::Local(l) = e else { panic!() };
         assert!(l.instances["d"].dir_settings().attrs().is_err());
+    }
+
+    const TWO: &str = "backends:\n  - backend: local\n    instances:\n      default: { baseDir: /tmp/l }\n  - backend: nfs\n    instances:\n      main: { server: 10.0.0.5, export: /export, baseDir: stowage }\n";
+
+    fn err(text: &str) -> String {
+        match ConfigFile::parse(text) {
+            Ok(c) => panic!("accepted {text}: {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn parses_a_backends_list() {
+        let f = ConfigFile::parse(TWO).unwrap();
+        assert_eq!(f.drivers(), ["local.stowage.io", "nfs.stowage.io"]);
+        let Config::Nfs(n) = &f.backends[1] else {
+            panic!("second entry is not nfs")
+        };
+        assert_eq!(n.instances["main"].base_dir, "stowage");
+        // A single-backend program refuses a file with two, naming them.
+        let e = f.into_single().unwrap_err().to_string();
+        assert!(
+            e.contains("lists 2 (local.stowage.io, nfs.stowage.io)"),
+            "{e}"
+        );
+        // A list of one is as good as today's form.
+        let one = "backends:\n  - backend: local\n    instances:\n      default: { baseDir: /x }\n";
+        assert_eq!(
+            Config::parse(one).unwrap().driver_name(),
+            "local.stowage.io"
+        );
+        // Today's form is a file of one backend.
+        let f =
+            ConfigFile::parse("backend: local\ninstances:\n  default: { baseDir: /x }\n").unwrap();
+        assert_eq!(f.drivers(), ["local.stowage.io"]);
+    }
+
+    #[test]
+    fn list_errors_name_the_entry_and_field() {
+        let dup = format!(
+            "{TWO}  - backend: nfs\n    instances:\n      b: {{ server: 10.0.0.6, export: /e }}\n"
+        );
+        let e = err(&dup);
+        assert!(
+            e.contains("backends[2].backend: nfs is already configured by backends[1]"),
+            "{e}"
+        );
+        let e = err(
+            "backends:\n  - backend: local\n    instances:\n      d: { baseDir: /x }\n  - backend: zfs\n    instances: {}\n",
+        );
+        assert!(e.contains("backends[1].backend: unknown backend \"zfs\" (one of local, nfs, glusterfs, s3, rbd)"), "{e}");
+        let e = err("backends:\n  - instances:\n      d: { baseDir: /x }\n");
+        assert!(e.contains("backends[0].backend: missing"), "{e}");
+        let e = err(
+            "backends:\n  - backend: local\n    instances:\n      d: { baseDir: /x }\n  - backend: nfs\n    bogus: 1\n    instances:\n      m: { server: a, export: /e }\n",
+        );
+        assert!(e.contains("backends[1]: unknown field `bogus`"), "{e}");
+        let e = err(
+            "backends:\n  - backend: local\n    instances:\n      d: { baseDir: /x, bogus: 1 }\n",
+        );
+        assert!(e.contains("backends[0]: unknown field `bogus`"), "{e}");
+        let e =
+            err("backends:\n  - backend: local\n    instances:\n      Bad_Name: { baseDir: /x }\n");
+        assert!(
+            e.contains("backends[0].instances: instance name \"Bad_Name\""),
+            "{e}"
+        );
+        let e = err("backends:\n  - backend: local\n    instances: {}\n");
+        assert!(
+            e.contains("backends[0].instances: at least one instance"),
+            "{e}"
+        );
+        let e = err("backends: []\n");
+        assert!(e.contains("backends: the list is empty"), "{e}");
+        let e = err(&format!("backend: local\n{TWO}"));
+        assert!(
+            e.contains("backend: a file with a backends: list has no other top-level keys"),
+            "{e}"
+        );
+        let e = err("backends:\n  backend: local\n");
+        assert!(e.contains("config"), "{e}");
+    }
+
+    #[test]
+    fn per_driver_settings_need_the_placeholder_with_several_backends() {
+        let two = ConfigFile::parse(TWO).unwrap();
+        let e = two
+            .check_per_driver("--endpoint", "unix:///csi/csi.sock")
+            .unwrap_err();
+        assert!(
+            e.starts_with("--endpoint \"unix:///csi/csi.sock\" must contain {driver}"),
+            "{e}"
+        );
+        assert!(e.contains("local.stowage.io, nfs.stowage.io"), "{e}");
+        two.check_per_driver("--endpoint", "unix:///csi/{driver}.sock")
+            .unwrap();
+        assert_eq!(
+            per_driver("unix:///csi/{driver}.sock", "nfs.stowage.io"),
+            "unix:///csi/nfs.stowage.io.sock"
+        );
+        let one =
+            ConfigFile::parse("backend: local\ninstances:\n  default: { baseDir: /x }\n").unwrap();
+        one.check_per_driver("--endpoint", "unix:///csi/csi.sock")
+            .unwrap();
+    }
+
+    #[test]
+    fn every_example_parses() {
+        for (name, text) in [
+            ("local", include_str!("../../examples/local.yaml")),
+            ("nfs", include_str!("../../examples/nfs.yaml")),
+            ("glusterfs", include_str!("../../examples/glusterfs.yaml")),
+            ("s3", include_str!("../../examples/s3.yaml")),
+            ("rbd", include_str!("../../examples/rbd.yaml")),
+        ] {
+            let f = ConfigFile::parse(text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(f.drivers(), [format!("{name}.stowage.io")]);
+        }
     }
 }

@@ -32,7 +32,7 @@ pub mod volume_id;
 
 use std::sync::Arc;
 
-pub use config::Config;
+pub use config::{Config, ConfigFile};
 pub use controller::{ControllerBackend, ControllerFeatures, Expanded};
 pub use error::{Error, Result};
 pub use node::{NodeBackend, NodeFeatures, PublishRequest, StageRequest};

@@ -6,39 +6,21 @@
 //! to statvfs on the published path.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use async_trait::async_trait;
 
 use crate::error::Result;
 use crate::mount;
-use crate::types::{Capability, Secrets, VolumeStats};
+use crate::types::VolumeStats;
+// In types.rs so that `mount` (which publishes) does not depend on this module.
+pub use crate::types::{PublishRequest, StageRequest};
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NodeFeatures {
     pub expand: bool,
     pub single_node_multi_writer: bool,
     pub volume_mount_group: bool,
-}
-
-#[derive(Debug, Clone)]
-pub struct StageRequest {
-    pub volume_id: String,
-    pub staging_path: PathBuf,
-    pub capability: Capability,
-    pub context: BTreeMap<String, String>,
-    pub publish_context: BTreeMap<String, String>,
-    pub secrets: Secrets,
-}
-
-#[derive(Debug, Clone)]
-pub struct PublishRequest {
-    pub volume_id: String,
-    pub staging_path: PathBuf,
-    pub target_path: PathBuf,
-    pub capability: Capability,
-    pub readonly: bool,
-    pub context: BTreeMap<String, String>,
 }
 
 #[async_trait]

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::time::SystemTime;
 
 /// CSI access modes (spec names).
@@ -193,4 +194,26 @@ pub struct NodeInfo {
     pub max_volumes: i64,
     #[serde(default)]
     pub topology: BTreeMap<String, String>,
+}
+
+/// What NodeStageVolume asks of a backend.
+#[derive(Debug, Clone)]
+pub struct StageRequest {
+    pub volume_id: String,
+    pub staging_path: PathBuf,
+    pub capability: Capability,
+    pub context: BTreeMap<String, String>,
+    pub publish_context: BTreeMap<String, String>,
+    pub secrets: Secrets,
+}
+
+/// What NodePublishVolume asks of a backend.
+#[derive(Debug, Clone)]
+pub struct PublishRequest {
+    pub volume_id: String,
+    pub staging_path: PathBuf,
+    pub target_path: PathBuf,
+    pub capability: Capability,
+    pub readonly: bool,
+    pub context: BTreeMap<String, String>,
 }

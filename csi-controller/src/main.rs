@@ -1,10 +1,13 @@
-//! `stowage-controller`: serves one backend's CSI controller on a unix socket.
+//! `stowage-controller`: serves the CSI controller of every configured backend, one socket per
+//! driver.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use stowage_backends::config::{ConfigFile, per_driver};
 use stowage_csi::endpoint::Endpoint;
+use stowage_csi::serve::Listener;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -12,14 +15,16 @@ use stowage_csi::endpoint::Endpoint;
     about = "Stowage CSI controller plugin (Identity + Controller + stowage.v1)"
 )]
 struct Args {
-    /// Where to serve: unix:///path/csi.sock (or tcp://host:port for tests).
+    /// Where to serve: unix:///path/csi.sock (or tcp://host:port for tests). `{driver}` is
+    /// replaced by the driver name (unix:///csi/{driver}.sock); required when the
+    /// configuration names several backends.
     #[arg(
         long,
         env = "CSI_ENDPOINT",
         default_value = "unix:///var/lib/stowage/controller.sock"
     )]
     endpoint: String,
-    /// Backend configuration (YAML); see examples/.
+    /// Backend configuration (YAML): one backend, or a `backends:` list; see examples/.
     #[arg(long, env = "STOWAGE_CONFIG")]
     config: PathBuf,
     /// Log format: text or json.
@@ -31,18 +36,27 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     stowage_csi::logging::init(&args.log_format)?;
-    let endpoint = Endpoint::parse(&args.endpoint).context("--endpoint")?;
-    let config = stowage_backends::Config::load(&args.config)?;
-    let backend = stowage_backends::build_controller(&config)
-        .await
-        .context("starting the backend")?;
-    tracing::info!(driver = backend.driver_name(), %endpoint, "stowage-controller serving");
-    stowage_csi::serve::serve(
-        &endpoint,
-        stowage_controller::routes(backend),
-        stowage_csi::serve::shutdown_signal(),
-    )
-    .await?;
+    let file = ConfigFile::load(&args.config)?;
+    file.check_per_driver("--endpoint", &args.endpoint)
+        .map_err(anyhow::Error::msg)?;
+    // Every backend is built and every socket bound before any serves: a bad instance or a
+    // taken socket stops the start instead of leaving some drivers up and others missing.
+    let mut servers = Vec::new();
+    for config in &file.backends {
+        let driver = config.driver_name();
+        let endpoint = Endpoint::parse(&per_driver(&args.endpoint, driver))
+            .with_context(|| format!("--endpoint for {driver}"))?;
+        let backend = stowage_backends::build_controller(config)
+            .await
+            .with_context(|| format!("starting the {driver} backend"))?;
+        let listener = Listener::bind(&endpoint)
+            .await
+            .with_context(|| format!("{driver}"))?
+            .with_driver(driver);
+        tracing::info!(driver, %endpoint, "stowage-controller serving");
+        servers.push((listener, stowage_controller::routes(backend)));
+    }
+    stowage_csi::serve::serve_all(servers, stowage_csi::serve::shutdown_signal()).await?;
     tracing::info!("stowage-controller stopped");
     Ok(())
 }

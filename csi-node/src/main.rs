@@ -1,10 +1,13 @@
-//! `stowage-node`: serves one backend's CSI node plugin.
+//! `stowage-node`: serves the CSI node plugin of every configured backend, one socket (and one
+//! kubelet registration socket) per driver, one /healthz for all.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Parser;
+use stowage_backends::config::{ConfigFile, per_driver};
 use stowage_csi::endpoint::Endpoint;
+use stowage_csi::serve::Listener;
 use stowage_node::health::Health;
 use stowage_node::registration::{Registration, Tracker};
 
@@ -12,19 +15,20 @@ use stowage_node::registration::{Registration, Tracker};
 #[command(version, about = "Stowage CSI node plugin (Identity + Node)")]
 struct Args {
     /// Where to serve: unix:///path/csi.sock (or tcp://host:port, e.g. inside a test VM).
+    /// `{driver}` is replaced by the driver name; required with several backends.
     #[arg(
         long,
         env = "CSI_ENDPOINT",
         default_value = "unix:///var/lib/kubelet/plugins/stowage/csi.sock"
     )]
     endpoint: String,
-    /// Backend configuration (YAML); see examples/.
+    /// Backend configuration (YAML): one backend, or a `backends:` list; see examples/.
     #[arg(long, env = "STOWAGE_CONFIG")]
     config: PathBuf,
     /// This node's name as the CO knows it (Kubernetes: spec.nodeName).
     #[arg(long, env = "NODE_ID")]
     node_id: String,
-    /// Most volumes of this driver one node may hold (0 = no limit).
+    /// Most volumes of each driver one node may hold (0 = no limit).
     #[arg(long, env = "STOWAGE_MAX_VOLUMES", default_value_t = 0)]
     max_volumes: i64,
     /// Seconds before a mount or unmount command is killed and the call answers UNAVAILABLE
@@ -40,11 +44,12 @@ struct Args {
     #[arg(long, env = "STOWAGE_KUBELET_REGISTRATION", default_value_t = true, action = clap::ArgAction::Set)]
     kubelet_registration: bool,
     /// The CSI socket path the kubelet should dial, as a path on the kubelet's host (in a
-    /// DaemonSet it differs from --endpoint). Default: the --endpoint socket path.
+    /// DaemonSet it differs from --endpoint). Default: the --endpoint socket path. `{driver}`
+    /// is replaced by the driver name; required with several backends.
     #[arg(long, env = "STOWAGE_KUBELET_REGISTRATION_PATH")]
     kubelet_registration_path: Option<String>,
     /// Serve GET /healthz here (e.g. 0.0.0.0:9808) for a livenessProbe: 200 when the CSI
-    /// socket answers Probe and kubelet registration succeeded.
+    /// socket of every driver answers Probe and every driver is registered with the kubelet.
     #[arg(long, env = "STOWAGE_HEALTH_ADDRESS")]
     health_address: Option<std::net::SocketAddr>,
     /// Log format: text or json.
@@ -68,36 +73,15 @@ async fn main() -> anyhow::Result<()> {
     stowage_backends::command::set_mount_timeout(std::time::Duration::from_secs(
         args.mount_timeout_secs,
     ));
-    let endpoint = Endpoint::parse(&args.endpoint).context("--endpoint")?;
-    let config = stowage_backends::Config::load(&args.config)?;
-    let backend = stowage_backends::build_node(&config);
-    register(
-        config.clone(),
-        stowage_backends::NodeInfo {
-            node_id: args.node_id.clone(),
-            max_volumes: args.max_volumes,
-            topology: backend.topology(&args.node_id),
-        },
-    );
+    let file = ConfigFile::load(&args.config)?;
+    file.check_per_driver("--endpoint", &args.endpoint)
+        .map_err(anyhow::Error::msg)?;
+    if let Some(p) = &args.kubelet_registration_path {
+        file.check_per_driver("--kubelet-registration-path", p)
+            .map_err(anyhow::Error::msg)?;
+    }
     let paths = stowage_node::paths::PathPolicy::new(&args.kubelet_root)
         .map_err(|e| anyhow::anyhow!("--kubelet-root: {e}"))?;
-    let driver = backend.driver_name().to_string();
-    let registration = if args.kubelet_registration {
-        let csi_endpoint = match (&args.kubelet_registration_path, &endpoint) {
-            (Some(p), _) => p.clone(),
-            (None, Endpoint::Unix(p)) => p.to_string_lossy().into_owned(),
-            (None, Endpoint::Tcp { .. }) => anyhow::bail!(
-                "--kubelet-registration-path is required when --endpoint is not a unix socket"
-            ),
-        };
-        Some(Registration {
-            socket: Registration::socket_for(&args.kubelet_root, &driver),
-            driver: driver.clone(),
-            csi_endpoint,
-        })
-    } else {
-        None
-    };
 
     // One shutdown for every server: SIGTERM stops CSI, registration and health together.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -105,17 +89,61 @@ async fn main() -> anyhow::Result<()> {
         stowage_csi::serve::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
-    // The CSI socket exists before the kubelet can hear of it: bind first, then register.
-    let listener = stowage_csi::serve::Listener::bind(&endpoint).await?;
+    let mut servers = Vec::new();
+    let mut sockets = Vec::new();
+    let mut kubelet = Vec::new();
+    for config in &file.backends {
+        let driver = config.driver_name();
+        let endpoint = Endpoint::parse(&per_driver(&args.endpoint, driver))
+            .with_context(|| format!("--endpoint for {driver}"))?;
+        let backend = stowage_backends::build_node(config);
+        register(
+            config.clone(),
+            stowage_backends::NodeInfo {
+                node_id: args.node_id.clone(),
+                max_volumes: args.max_volumes,
+                topology: backend.topology(&args.node_id),
+            },
+        );
+        if args.kubelet_registration {
+            let csi_endpoint = match (&args.kubelet_registration_path, &endpoint) {
+                (Some(p), _) => per_driver(p, driver),
+                (None, Endpoint::Unix(p)) => p.to_string_lossy().into_owned(),
+                (None, Endpoint::Tcp { .. }) => anyhow::bail!(
+                    "--kubelet-registration-path is required when --endpoint is not a unix socket"
+                ),
+            };
+            kubelet.push(Registration {
+                socket: Registration::socket_for(&args.kubelet_root, driver),
+                driver: driver.to_string(),
+                csi_endpoint,
+            });
+        }
+        // Every CSI socket exists before the kubelet can hear of it: bind all, then register.
+        let listener = Listener::bind(&endpoint)
+            .await
+            .with_context(|| driver.to_string())?
+            .with_driver(driver);
+        tracing::info!(driver, node_id = %args.node_id, %endpoint, kubelet_root = %args.kubelet_root.display(), "stowage-node serving");
+        sockets.push((driver.to_string(), listener.local_endpoint()));
+        let routes = stowage_node::routes(
+            backend,
+            args.node_id.clone(),
+            args.max_volumes,
+            config.offers_snapshots(),
+            paths.clone(),
+        );
+        servers.push((listener, routes));
+    }
     let mut registrations = Vec::new();
-    if let Some(r) = registration {
+    for r in kubelet {
         let tracker = Tracker::default();
-        registrations.push((driver.clone(), tracker.clone()));
+        registrations.push((r.driver.clone(), tracker.clone()));
         tokio::spawn(r.run(tracker, stop_rx.clone()));
     }
     if let Some(addr) = args.health_address {
         let health = Health {
-            csi: listener.local_endpoint(),
+            csi: sockets,
             registrations,
         };
         // Bound here so a taken probe port stops the start with a clear error instead of
@@ -130,26 +158,11 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    tracing::info!(driver = %driver, node_id = %args.node_id, %endpoint, kubelet_root = %args.kubelet_root.display(), "stowage-node serving");
     let mut rx = stop_rx;
-    listener
-        .serve(
-            stowage_node::routes(
-                backend,
-                args.node_id,
-                args.max_volumes,
-                config.offers_snapshots(),
-                paths,
-            ),
-            async move {
-                while !*rx.borrow() {
-                    if rx.changed().await.is_err() {
-                        return;
-                    }
-                }
-            },
-        )
-        .await?;
+    stowage_csi::serve::serve_all(servers, async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    })
+    .await?;
     tracing::info!("stowage-node stopped");
     Ok(())
 }
@@ -158,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
 /// (the node has no channel to the controller), retrying in the background until it succeeds:
 /// ControllerPublish refuses nodes it has never heard of.
 fn register(config: stowage_backends::Config, node: stowage_backends::NodeInfo) {
+    let driver = config.driver_name();
     tokio::spawn(async move {
         let mut wait = std::time::Duration::from_secs(1);
         loop {
@@ -170,11 +184,11 @@ fn register(config: stowage_backends::Config, node: stowage_backends::NodeInfo) 
             .await;
             match res {
                 Ok(()) => {
-                    tracing::info!(node_id = %node.node_id, "node registered with the backend");
+                    tracing::info!(driver, node_id = %node.node_id, "node registered with the backend");
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in_s = wait.as_secs(), "node registration failed")
+                    tracing::warn!(driver, error = %e, retry_in_s = wait.as_secs(), "node registration failed")
                 }
             }
             tokio::time::sleep(wait).await;

@@ -3,7 +3,8 @@
 //! and one tracing span per request.
 //!
 //! The per-request span is named `grpc` and carries `method` (the full gRPC
-//! path, e.g. `/csi.v1.Node/NodePublishVolume`) plus empty `volume_id`,
+//! path, e.g. `/csi.v1.Node/NodePublishVolume`), `driver` (set with
+//! [`Listener::with_driver`] when one process serves several drivers) plus empty `volume_id`,
 //! `snapshot_id` and `node_id` fields. Handlers run inside that span, so a
 //! service can fill them in with
 //! `tracing::Span::current().record("volume_id", req.volume_id.as_str())`
@@ -87,6 +88,7 @@ pub async fn serve(
 pub struct Listener {
     endpoint: Endpoint,
     kind: ListenerKind,
+    driver: Option<&'static str>,
 }
 
 #[derive(Debug)]
@@ -122,7 +124,15 @@ impl Listener {
         Ok(Listener {
             endpoint: endpoint.clone(),
             kind,
+            driver: None,
         })
+    }
+
+    /// Names the driver in every request's span (`driver` field), so the logs of a process
+    /// serving several drivers say which one a request was for.
+    pub fn with_driver(mut self, driver: &'static str) -> Self {
+        self.driver = Some(driver);
+        self
     }
 
     /// The endpoint actually bound: for `tcp://host:0` this carries the
@@ -156,7 +166,9 @@ impl Listener {
         routes: Routes,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), ServeError> {
-        let mut server = Server::builder().layer(RequestLogLayer);
+        let mut server = Server::builder().layer(RequestLogLayer {
+            driver: self.driver,
+        });
         let router = server.add_routes(routes);
         let endpoint = self.endpoint;
         tracing::info!(%endpoint, "serving gRPC");
@@ -197,6 +209,53 @@ impl Listener {
             Err(source) => Err(ServeError::Transport { endpoint, source }),
         }
     }
+}
+
+/// Serves several bound endpoints (one per driver, in a process serving several drivers)
+/// until `shutdown` resolves, then drains them all. If one server stops or fails, the others
+/// are stopped too: a process that serves only some of its drivers would look alive while
+/// the rest are gone. Returns the first failure.
+pub async fn serve_all(
+    servers: Vec<(Listener, Routes)>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut running = tokio::task::JoinSet::new();
+    for (listener, routes) in servers {
+        let mut stop = stop_rx.clone();
+        running.spawn(listener.serve(routes, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }));
+    }
+    tokio::pin!(shutdown);
+    let mut stopping = false;
+    let mut first_error = None;
+    loop {
+        tokio::select! {
+            () = &mut shutdown, if !stopping => {
+                stopping = true;
+                let _ = stop_tx.send(true);
+            }
+            done = running.join_next() => {
+                let Some(done) = done else { break };
+                let result = match done {
+                    Ok(result) => result,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    // Nothing aborts these tasks.
+                    Err(_) => Ok(()),
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "a gRPC server failed; stopping the others");
+                    first_error.get_or_insert(e);
+                }
+                if !stopping {
+                    stopping = true;
+                    let _ = stop_tx.send(true);
+                }
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Longest wait for in-flight requests once shutdown began.
@@ -376,13 +435,19 @@ pub async fn shutdown_signal() {
 /// [`serve`] installs it; it is public for code that builds its own
 /// `tonic::transport::Server`.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct RequestLogLayer;
+pub struct RequestLogLayer {
+    /// Recorded as the span's `driver` field when set.
+    pub driver: Option<&'static str>,
+}
 
 impl<S> Layer<S> for RequestLogLayer {
     type Service = RequestLog<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RequestLog { inner }
+        RequestLog {
+            inner,
+            driver: self.driver,
+        }
     }
 }
 
@@ -390,6 +455,7 @@ impl<S> Layer<S> for RequestLogLayer {
 #[derive(Debug, Clone)]
 pub struct RequestLog<S> {
     inner: S,
+    driver: Option<&'static str>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -412,11 +478,15 @@ where
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
         let span = tracing::info_span!(
             "grpc",
+            driver = tracing::field::Empty,
             method = %request.uri().path(),
             volume_id = tracing::field::Empty,
             snapshot_id = tracing::field::Empty,
             node_id = tracing::field::Empty,
         );
+        if let Some(driver) = self.driver {
+            span.record("driver", driver);
+        }
         let started = Instant::now();
         // Entered while calling too: tonic may do work synchronously in call().
         let future = span.in_scope(|| self.inner.call(request));

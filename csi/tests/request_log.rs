@@ -75,7 +75,10 @@ async fn spans_carry_method_and_volume_id_and_shutdown_drains() {
 
     let dir = tempfile::tempdir().unwrap();
     let endpoint = Endpoint::Unix(dir.path().join("csi.sock"));
-    let listener = Listener::bind(&endpoint).await.unwrap();
+    let listener = Listener::bind(&endpoint)
+        .await
+        .unwrap()
+        .with_driver("x.stowage.io");
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(
         listener.serve(Routes::new(IdentityServer::new(Recording)), async {
@@ -112,6 +115,10 @@ async fn spans_carry_method_and_volume_id_and_shutdown_drains() {
     );
     assert!(
         handler_line.contains("volume_id=\"vol-from-handler\""),
+        "{handler_line}"
+    );
+    assert!(
+        handler_line.contains("driver=x.stowage.io"),
         "{handler_line}"
     );
     let rejected = logs

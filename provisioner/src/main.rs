@@ -1,7 +1,9 @@
-//! `stowage-provisioner`: the Kubernetes provisioner for one Stowage driver.
+//! `stowage-provisioner`: the Kubernetes provisioner for the Stowage drivers behind one or
+//! more stowage-controller sockets (one process, one kube client, one lease per driver).
 //!
 //! ```sh
 //! stowage-provisioner --csi-endpoint unix:///csi/controller.sock             # run (KCM binds)
+//! stowage-provisioner --csi-endpoint unix:///csi/local.stowage.io.sock,unix:///csi/nfs.stowage.io.sock
 //! stowage-provisioner --binder builtin ...                                    # Stowage binds
 //! stowage-provisioner import --csi-endpoint ... [--all | VOLUME_ID...]        # static PVs
 //! ```
@@ -43,7 +45,8 @@ enum Cmd {
 
 #[derive(Args, Debug)]
 struct Common {
-    /// The stowage-controller socket (unix:///path or tcp://host:port).
+    /// The stowage-controller socket (unix:///path or tcp://host:port), or a comma-separated
+    /// list of them (one per driver; each driver's name comes from GetPluginInfo).
     #[arg(
         long,
         env = "CSI_ENDPOINT",
@@ -194,11 +197,24 @@ async fn shutdown_signal() {
     }
 }
 
+/// `--csi-endpoint`: one socket or a comma-separated list, each parsed on its own so an error
+/// names the bad one.
+fn parse_endpoints(list: &str) -> anyhow::Result<Vec<Endpoint>> {
+    let endpoints = list
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| Endpoint::parse(e).with_context(|| format!("--csi-endpoint {e:?}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!endpoints.is_empty(), "--csi-endpoint: no socket given");
+    Ok(endpoints)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     stowage_csi::logging::init(&cli.common.log_format)?;
-    let endpoint = Endpoint::parse(&cli.common.csi_endpoint).context("--csi-endpoint")?;
+    let endpoints = parse_endpoints(&cli.common.csi_endpoint)?;
     let rate = Rate {
         qps: cli.common.kube_api_qps,
         burst: cli.common.kube_api_burst,
@@ -207,7 +223,13 @@ async fn main() -> anyhow::Result<()> {
     let client = stowage_provisioner::client::client(rate).await?;
     match cli.cmd {
         Some(Cmd::Import(a)) => {
-            let driver = Driver::connect(&endpoint, cli.common.timeout, Duration::from_secs(10))
+            let [endpoint] = endpoints.as_slice() else {
+                anyhow::bail!(
+                    "import: --csi-endpoint names {} sockets; import works on one driver at a time",
+                    endpoints.len()
+                );
+            };
+            let driver = Driver::connect(endpoint, cli.common.timeout, Duration::from_secs(10))
                 .await
                 .with_context(|| format!("connecting to the CSI driver at {endpoint}"))?;
             let opts = ImportOptions {
@@ -223,7 +245,7 @@ async fn main() -> anyhow::Result<()> {
             import::run(&client, &driver, &opts, &mut out).await?;
             Ok(())
         }
-        None => run(cli.common, cli.run, client, endpoint).await,
+        None => run(cli.common, cli.run, client, endpoints).await,
     }
 }
 
@@ -231,7 +253,7 @@ async fn run(
     common: Common,
     args: RunArgs,
     client: kube::Client,
-    endpoint: Endpoint,
+    endpoints: Vec<Endpoint>,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     if !args.metrics_address.is_empty() {
@@ -246,9 +268,52 @@ async fn run(
             }
         });
     }
-    let driver = Driver::connect(&endpoint, common.timeout, args.driver_wait)
-        .await
-        .with_context(|| format!("connecting to the CSI driver at {endpoint}"))?;
+    // Every driver must answer before any duty starts, and no two sockets may serve the same
+    // driver (they would contend for one lease under one identity).
+    let (timeout, wait) = (common.timeout, args.driver_wait);
+    let drivers = futures::future::try_join_all(endpoints.iter().map(|endpoint| async move {
+        Driver::connect(endpoint, timeout, wait)
+            .await
+            .with_context(|| format!("connecting to the CSI driver at {endpoint}"))
+            .map(|d| (d, endpoint.clone()))
+    }))
+    .await?;
+    for (i, (d, e)) in drivers.iter().enumerate() {
+        if let Some((_, first)) = drivers[..i].iter().find(|(o, _)| o.name == d.name) {
+            anyhow::bail!(
+                "--csi-endpoint: {first} and {e} both serve driver {}",
+                d.name
+            );
+        }
+    }
+    let id = identity(args.identity.clone());
+    // One set of duties per driver. If one driver's duties fail (a lost lease), the process
+    // exits: a restarted replica is the one way back to a known state for all of them.
+    futures::future::try_join_all(drivers.into_iter().map(|(driver, endpoint)| {
+        run_driver(
+            &args,
+            client.clone(),
+            metrics.clone(),
+            id.clone(),
+            driver,
+            endpoint,
+        )
+    }))
+    .await?;
+    Ok(())
+}
+
+/// One driver's duties, behind its own leader lease (`stowage-provisioner-<driver>`).
+async fn run_driver(
+    args: &RunArgs,
+    client: kube::Client,
+    metrics: Arc<Metrics>,
+    id: String,
+    driver: Driver,
+    endpoint: Endpoint,
+) -> anyhow::Result<()> {
+    // Kept for the log lines after `driver` moved into the duties.
+    let name = driver.name.clone();
     let mode = match args.binder {
         Binder::Kcm => BinderMode::Kcm,
         Binder::Builtin => BinderMode::Builtin,
@@ -261,7 +326,6 @@ async fn run(
         pending_resync: args.pending_resync,
         max_backoff: args.retry_max_delay,
     };
-    let id = identity(args.identity);
     let (duties, skipped) = duties::select(&args.controllers, driver.caps);
     for (d, why) in skipped {
         tracing::info!(
@@ -272,11 +336,12 @@ async fn run(
     }
     anyhow::ensure!(
         !duties.is_empty(),
-        "--controllers: nothing to run for this driver"
+        "--controllers: nothing to run for driver {}",
+        driver.name
     );
 
     if !args.leader_elect {
-        metrics.leader.set(1);
+        metrics.leader.inc();
         duties::run(
             client,
             driver,
@@ -287,12 +352,12 @@ async fn run(
             shutdown_signal(),
         )
         .await;
-        tracing::info!("stowage-provisioner stopped");
+        tracing::info!(driver = %name, "stowage-provisioner stopped");
         return Ok(());
     }
 
     let lease_secs = args.leader_election_lease_duration.as_secs().max(2);
-    let lease = format!("stowage-provisioner-{}", driver.name);
+    let lease = format!("stowage-provisioner-{name}");
     let manager = kube_lease_manager::LeaseManagerBuilder::new(client.clone(), &lease)
         .with_namespace(&args.leader_election_namespace)
         .with_identity(&id)
@@ -300,7 +365,7 @@ async fn run(
         .with_grace((lease_secs / 3).max(1))
         .build()
         .await
-        .context("setting up leader election")?;
+        .with_context(|| format!("setting up leader election for {name}"))?;
     let (mut leader, task) = manager.watch().await;
     tracing::info!(lease = %lease, namespace = %args.leader_election_namespace, identity = %id, "waiting to become the leader");
     let signal = shutdown_signal();
@@ -310,7 +375,7 @@ async fn run(
             break;
         }
         tokio::select! {
-            r = leader.changed() => r.context("leader election stopped")?,
+            r = leader.changed() => r.with_context(|| format!("{name}: leader election stopped"))?,
             _ = &mut signal => {
                 drop(leader);
                 let _ = task.await;
@@ -318,8 +383,8 @@ async fn run(
             }
         }
     }
-    tracing::info!(identity = %id, "became the leader");
-    metrics.leader.set(1);
+    tracing::info!(driver = %name, identity = %id, "became the leader");
+    metrics.leader.inc();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let watch_leader = async move {
         let lost = loop {
@@ -350,13 +415,13 @@ async fn run(
         },
     );
     let (lost, ()) = tokio::join!(watch_leader, controllers);
-    metrics.leader.set(0);
+    metrics.leader.dec();
     let _ = task.await;
     if lost {
         // Another replica may already act; going on would risk two writers.
-        anyhow::bail!("lost the leader lease; exiting so that only one replica acts");
+        anyhow::bail!("{name}: lost the leader lease; exiting so that only one replica acts");
     }
-    tracing::info!("stowage-provisioner stopped");
+    tracing::info!(driver = %name, "stowage-provisioner stopped");
     Ok(())
 }
 
@@ -372,6 +437,25 @@ mod tests {
         assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn endpoint_lists() {
+        let e = parse_endpoints("unix:///csi/a.sock, unix:///csi/b.sock,").unwrap();
+        assert_eq!(
+            e,
+            [
+                Endpoint::Unix("/csi/a.sock".into()),
+                Endpoint::Unix("/csi/b.sock".into())
+            ]
+        );
+        assert_eq!(parse_endpoints("/csi/a.sock").unwrap().len(), 1);
+        let err = format!(
+            "{:#}",
+            parse_endpoints("unix:///a.sock,relative.sock").unwrap_err()
+        );
+        assert!(err.contains("--csi-endpoint \"relative.sock\""), "{err}");
+        assert!(parse_endpoints(" , ").is_err());
     }
 
     #[test]

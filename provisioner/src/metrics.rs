@@ -66,7 +66,7 @@ impl Metrics {
         let leader = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "leader",
-            "1 while this replica holds the leader lease",
+            "Drivers whose leader lease this replica holds (1 while it leads, with one driver)",
             leader.clone(),
         );
         Metrics {

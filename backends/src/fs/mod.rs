@@ -69,6 +69,57 @@ impl Default for DirAttrs {
     }
 }
 
+/// Ownership and size limit of new volume directories, common to the directory backends
+/// (serde's `flatten` cannot be combined with `deny_unknown_fields`, so each backend's
+/// instance type repeats the fields and hands them over through this).
+#[derive(Debug, Clone, Default)]
+pub struct DirSettings {
+    pub dir_mode: Option<String>,
+    pub dir_uid: Option<u32>,
+    pub dir_gid: Option<u32>,
+    pub max_volume_bytes: u64,
+}
+
+impl DirSettings {
+    pub fn attrs(&self) -> Result<DirAttrs> {
+        let mode = match &self.dir_mode {
+            None => 0o777,
+            Some(m) => u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o7777)
+                .ok_or_else(|| {
+                    Error::invalid(
+                        "dirMode",
+                        format!("{m:?} is not an octal mode such as \"0775\""),
+                    )
+                })?,
+        };
+        Ok(DirAttrs {
+            mode,
+            uid: self.dir_uid,
+            gid: self.dir_gid,
+        })
+    }
+}
+
+/// `dir_settings()` for an instance type that has the `dirMode`/`dirUid`/`dirGid`/
+/// `maxVolumeBytes` fields.
+macro_rules! dir_settings {
+    ($t:ty) => {
+        impl $t {
+            pub fn dir_settings(&self) -> $crate::fs::DirSettings {
+                $crate::fs::DirSettings {
+                    dir_mode: self.dir_mode.clone(),
+                    dir_uid: self.dir_uid,
+                    dir_gid: self.dir_gid,
+                    max_volume_bytes: self.max_volume_bytes,
+                }
+            }
+        }
+    };
+}
+pub(crate) use dir_settings;
+
 /// Chunk size for streamed copies; NFS servers commonly cap READ/WRITE at 1 MiB.
 pub const COPY_CHUNK: u32 = 1 << 20;
 

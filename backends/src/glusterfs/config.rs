@@ -18,8 +18,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::config::DirSettings;
 use crate::error::{Error, Result};
+use crate::fs::DirSettings;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

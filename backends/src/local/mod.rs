@@ -5,6 +5,7 @@
 //! enforced by project quotas or per-volume filesystem images ([`capacity`]).
 
 pub mod capacity;
+pub mod config;
 pub mod controller;
 
 use std::collections::BTreeMap;
@@ -14,7 +15,6 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use crate::command::{self, SHORT_TIMEOUT};
-use crate::config::LocalInstance;
 use crate::dirstore::{BLOCK_IMAGE, DirBackend, DirOptions, Instance};
 use crate::error::{Error, Result};
 use crate::fs::local::LocalFs;
@@ -22,6 +22,7 @@ use crate::mount::{self, Probe};
 use crate::node::{NodeBackend, NodeFeatures, StageRequest};
 use crate::volume_id::VolumeId;
 use capacity::FS_IMAGE;
+pub use config::LocalInstance;
 
 pub const DRIVER: &str = "local.stowage.io";
 /// Topology key: local volumes live on one node.

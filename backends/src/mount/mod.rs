@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use crate::command::{self, mount_timeout};
 use crate::error::{Error, Result};
-use crate::node::PublishRequest;
+use crate::types::PublishRequest;
 use crate::types::{Usage, VolumeStats};
 
 pub use mountinfo::MountEntry;

@@ -25,6 +25,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{BucketLocationConstraint, CreateBucketConfiguration};
 
 use super::client::{self, Creds, Endpoint, Target, code_of, map_err, status_of};
+use super::config::{S3Config, S3Instance};
 use super::mounter::{self, Kind};
 use super::{
     CTX_BUCKET, CTX_CAPACITY, CTX_ENDPOINT, CTX_MOUNT_OPTIONS, CTX_MOUNTER, CTX_PATH_STYLE,
@@ -32,7 +33,6 @@ use super::{
     TAG_ARCHIVED, bucket_name_for, check_bucket, check_bucket_prefix, hash_hex, on_delete_str,
     prefix_name_for,
 };
-use crate::config::{S3Config, S3Instance};
 use crate::controller::{ControllerBackend, ControllerFeatures, Expanded};
 use crate::error::{Error, Result};
 use crate::locks::KeyLocks;

@@ -21,6 +21,7 @@
 //! no object data passes through the controller (`controller/snapshot.rs`).
 
 pub mod client;
+pub mod config;
 pub mod controller;
 pub mod mounter;
 pub mod node;
@@ -35,6 +36,7 @@ use crate::relpath::RelPath;
 use crate::volume_id::VolumeId;
 
 pub use aws_sdk_s3;
+pub use config::{S3Config, S3Instance};
 pub use controller::{S3Controller, controller};
 pub use node::S3Node;
 

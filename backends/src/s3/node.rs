@@ -23,13 +23,13 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use super::client::{self, Creds, Endpoint, Target, code_of, map_err};
+use super::config::S3Config;
 use super::mounter::{self, CREDENTIALS_FILE, Kind, MountSpec, PASSWD_FILE};
 use super::{
     CTX_BUCKET, CTX_CAPACITY, CTX_ENDPOINT, CTX_MOUNT_OPTIONS, CTX_MOUNTER, CTX_PATH_STYLE,
     CTX_PREFIX, CTX_REGION, DRIVER, Location, TAG_CAPACITY,
 };
 use crate::command::MOUNT_TIMEOUT;
-use crate::config::S3Config;
 use crate::error::{Error, Result};
 use crate::locks::KeyLocks;
 use crate::mount::{self, Probe};

@@ -4,6 +4,8 @@
 //! privileges in the controller. Nodes mount the kernel way (`mount -t nfs`), NFSv3 or v4.x,
 //! with the StorageClass mountOptions. NFS cannot enforce capacity: it is recorded.
 
+pub mod config;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
@@ -12,13 +14,13 @@ use std::time::Duration;
 use async_trait::async_trait;
 
 use crate::command::mount_timeout;
-use crate::config::NfsInstance;
 use crate::dirstore::{DirBackend, DirOptions, Instance};
 use crate::error::{Error, Result};
 use crate::fs::lazy::Lazy;
 use crate::fs::nfs::{NfsFs, NfsOptions};
 use crate::mount::{self, Probe};
 use crate::node::{NodeBackend, NodeFeatures, StageRequest};
+pub use config::NfsInstance;
 
 pub const DRIVER: &str = "nfs.stowage.io";
 
