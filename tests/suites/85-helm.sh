@@ -9,7 +9,9 @@
 #     database holds every listed package and none of the purged; helm install (local backend,
 #     the default class); controller and node pods Running; CSINode lists the driver; helm
 #     test passes; a claim with NO storageClassName binds and a pod writes to it (time from
-#     helm install to that write); helm uninstall keeps a Retain PV and its bytes.
+#     helm install to that write); helm upgrade rolls the node DaemonSet while a pod writes;
+#     helm upgrade to local + s3 (one process per role, both drivers registered); helm
+#     uninstall keeps a Retain PV and its bytes.
 # HELM_STATIC_ONLY=1 skips the kubelet part. Prints PASS/FAIL lines and `N passed, N failed`.
 set -uo pipefail
 root=${STOWAGE_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}
@@ -331,6 +333,70 @@ s_upgrade() {
 why=""; detail=""
 if s_upgrade; then pass "helm upgrade rolls the node DaemonSet while a pod writes" "$detail"; else fail "helm upgrade while a pod writes" "$why"; fi
 
+# helm upgrade to two backends: the same three processes now serve local.stowage.io and
+# s3.stowage.io (config `backends:` list, {driver} sockets). The S3 instance points at no
+# gateway (nothing here contacts it at start); it has no class, so helm test stays on local.
+cat > "$work/values-s3.yaml" <<EOF
+backends:
+  s3:
+    enabled: true
+    config:
+      instances:
+        main: {endpoint: "http://127.0.0.1:9", pathStyle: true, mode: bucket, mounter: s3fs}
+    credentials: {create: true, accessKeyID: test-access-key, secretAccessKey: test-secret-key}
+    storageClasses: []
+EOF
+csinode_both() { local d; d=$(k get csinode "$KUBELET_NODE_NAME" -o 'jsonpath={.spec.drivers[*].name}'); grep -qw local.stowage.io <<<"$d" && grep -qw s3.stowage.io <<<"$d"; }
+leases_both() { local l; l=$(k -n "$ns" get leases -o 'jsonpath={.items[*].metadata.name}'); grep -q 'stowage-provisioner-local.stowage.io' <<<"$l" && grep -q 'stowage-provisioner-s3.stowage.io' <<<"$l"; }
+s_multi() {
+  local cfg conts
+  "$helm" upgrade "$rel" "$chart" -n "$ns" -f "$work/values.yaml" -f "$work/values-s3.yaml" \
+    --wait --timeout 240s >"$work/upgrade-multi.log" 2>&1 || { why="helm upgrade: $(tail -n 2 "$work/upgrade-multi.log" | tr '\n' ' ')"; return 1; }
+  cfg=$(k -n "$ns" get configmap "$rel-config" -o 'jsonpath={.data.config\.yaml}')
+  grep -q '^backends:' <<<"$cfg" || { why="config is not the backends: form: $(head -n 3 <<<"$cfg" | tr '\n' ' ')"; return 1; }
+  until_ok 120 csinode_both || { why="CSINode drivers: $(k get csinode "$KUBELET_NODE_NAME" -o 'jsonpath={.spec.drivers[*].name}')"; return 1; }
+  until_ok 120 ready_all node || { why="node pod not ready with two drivers (its /healthz needs both registered)"; return 1; }
+  until_ok 120 ready_all controller || { why="controller pod not ready"; return 1; }
+  until_ok 60 leases_both || { why="leases: $(k -n "$ns" get leases -o 'jsonpath={.items[*].metadata.name}')"; return 1; }
+  conts=$(k -n "$ns" get pods -o 'jsonpath={range .items[*]}{.metadata.labels.app\.kubernetes\.io/component}={range .spec.containers[*]}{.name}+{end} {end}')
+  [ "$(k get csidriver -o 'jsonpath={.items[*].metadata.name}' | wc -w)" -ge 2 ] || { why="CSIDriver objects: $(k get csidriver -o name | tr '\n' ' ')"; return 1; }
+  detail="CSINode lists local.stowage.io and s3.stowage.io, one lease per driver, containers: $conts"
+}
+why=""; detail=""
+if s_multi; then pass "helm upgrade to local + s3: one controller, provisioner and node process serve both drivers" "$detail"; else fail "two backends in one install" "$why"; fi
+# The local class still provisions and writes after the switch to per-driver sockets.
+cat <<EOF | k apply -n default -f - >/dev/null
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: helm-after-multi}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 16Mi}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: helm-after-multi}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: c
+    image: $image
+    imagePullPolicy: Never
+    command: ["/bin/sh", "-c", "echo after-multi > /data/f && cat /data/f"]
+    volumeMounts: [{name: d, mountPath: /data}]
+  volumes: [{name: d, persistentVolumeClaim: {claimName: helm-after-multi}}]
+EOF
+succeeded() { [ "$(k -n default get pod "$1" -o 'jsonpath={.status.phase}')" = Succeeded ]; }
+if until_ok 120 succeeded helm-after-multi && [ "$(k -n default logs helm-after-multi 2>/dev/null)" = after-multi ]; then
+  pass "local class provisions and writes with two backends installed"
+else
+  fail "local class with two backends installed" "$(k -n default get pod,pvc helm-after-multi -o wide 2>&1 | tail -n 2 | tr '\n' ' ')"
+fi
+k -n default delete pod helm-after-multi --wait=false >/dev/null 2>&1
+until_ok 60 gone helm-after-multi
+k -n default delete pvc helm-after-multi --wait=false >/dev/null 2>&1
+
 # Uninstall keeps a Retain PV and its bytes.
 cat <<EOF | k apply -n default -f - >/dev/null
 apiVersion: v1
@@ -355,7 +421,6 @@ spec:
     volumeMounts: [{name: d, mountPath: /data}]
   volumes: [{name: d, persistentVolumeClaim: {claimName: helm-retain}}]
 EOF
-succeeded() { [ "$(k -n default get pod "$1" -o 'jsonpath={.status.phase}')" = Succeeded ]; }
 retain_pv=""
 if until_ok 180 succeeded helm-retain-writer; then
   retain_pv=$(k -n default get pvc helm-retain -o 'jsonpath={.spec.volumeName}')
