@@ -37,6 +37,7 @@ cleanup() {
   if [ -n "${KUBECONFIG:-}" ] && [ -x "${helm:-}" ]; then
     "$helm" uninstall "$rel" -n "$ns" --wait --timeout 60s >/dev/null 2>&1
   fi
+  "$root/tests/infra/docker.sh" stop --state "$work/docker" >/dev/null 2>&1
   "$kubelet" stop --state "$work/node" >/dev/null 2>&1
   "$kube" stop --state "$work/kube" >/dev/null 2>&1
   losetup -a 2>/dev/null | grep -F "$work/" | cut -d: -f1 | xargs -r -n1 losetup -d 2>/dev/null
@@ -175,6 +176,33 @@ PY
 }
 why=""; detail=""
 if dpkg_check; then pass "image holds every listed package and none of the purged" "$detail"; else fail "image package list" "$why"; fi
+
+# docker load reads the same tarball (a private dockerd, tests/infra/docker.sh), and the tools
+# every backend runs start inside the image: their shared libraries survived the purges.
+docker_check() {
+  "$root/tests/infra/docker.sh" start --state "$work/docker" >"$work/docker-start.log" 2>&1 ||
+    { why="dockerd did not start: $(tail -n 2 "$work/docker-start.log" | tr '\n' ' ')"; return 1; }
+  # shellcheck disable=SC1091
+  . "$work/docker/env"
+  local d="${STOWAGE_DOCKER_CLI:-docker}" out tool bad=""
+  out=$(DOCKER_HOST=$STOWAGE_DOCKER_HOST timeout 300 "$d" load -i "$tarball" 2>&1) || { why="docker load: $out"; return 1; }
+  grep -q "Loaded image: $image" <<<"$out" || { why="docker load said: $out"; return 1; }
+  for tool in "stowage-controller --version" "stowage-node --version" "stowage-provisioner --version" \
+      "stowage-docker --version" "mount --version" "mkfs.ext4 -V" "mkfs.xfs -V" "glusterfs --version" \
+      "gluster --version" "s3fs --version" "rclone version" "rbd-nbd --version" "fusermount3 --version" "ssh -V"; do
+    DOCKER_HOST=$STOWAGE_DOCKER_HOST timeout 60 "$d" run --rm --network none "$image" $tool >"$work/tool.out" 2>&1 ||
+      bad="$bad [$tool: $(head -n 1 "$work/tool.out")]"
+  done
+  # rbd-fuse has no --version; it must at least load its libraries (usage text, exit code 1 or 0).
+  DOCKER_HOST=$STOWAGE_DOCKER_HOST timeout 60 "$d" run --rm --network none "$image" sh -c 'rbd-fuse -h 2>&1 | head -n 1' >"$work/tool.out" 2>&1
+  grep -qi 'error while loading\|not found' "$work/tool.out" && bad="$bad [rbd-fuse: $(head -n 1 "$work/tool.out")]"
+  DOCKER_HOST=$STOWAGE_DOCKER_HOST "$d" image rm "$image" >/dev/null 2>&1
+  "$root/tests/infra/docker.sh" stop --state "$work/docker" >/dev/null 2>&1
+  [ -z "$bad" ] || { why="failed in the image:$bad"; return 1; }
+  detail="loaded as $image; 15 tools ran"
+}
+why=""; detail=""
+if docker_check; then pass "docker load accepts the image; every backend's tools run in it" "$detail"; else fail "docker load / tools in the image" "$why"; fi
 
 # --- a kubelet node -------------------------------------------------------------------------
 node_n=""
