@@ -266,18 +266,23 @@ say "containers per pod: $(tr '\n' ';' <<<"$ncont")"
 csinode_ok() { k get csinode "$KUBELET_NODE_NAME" -o 'jsonpath={.spec.drivers[*].name}' | grep -qw local.stowage.io; }
 check "CSINode $KUBELET_NODE_NAME lists local.stowage.io" "$(k get csinode -o yaml 2>&1 | tail -n 5 | tr '\n' ' ')" until_ok 90 csinode_ok
 
-# A claim without storageClassName (what most stateful charts make), then a pod writing.
-cat <<EOF | k apply -n default -f - >/dev/null
+# claim_and_pod NAME SIZE SCRIPT [CLASS]: a claim (no storageClassName unless CLASS) and a pod of
+# the Stowage image, both named NAME, running SCRIPT with the claim at /data.
+claim_and_pod() {
+  local cls=""
+  [ -n "${4:-}" ] && cls="storageClassName: $4"
+  cat <<EOF | k apply -n default -f - >/dev/null
 apiVersion: v1
 kind: PersistentVolumeClaim
-metadata: {name: helm-default-class}
+metadata: {name: $1}
 spec:
+  $cls
   accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 32Mi}}
+  resources: {requests: {storage: $2}}
 ---
 apiVersion: v1
 kind: Pod
-metadata: {name: helm-writer}
+metadata: {name: $1}
 spec:
   restartPolicy: Never
   terminationGracePeriodSeconds: 0
@@ -285,11 +290,15 @@ spec:
   - name: c
     image: $image
     imagePullPolicy: Never
-    command: ["/bin/sh", "-c", "echo written-through-the-default-class > /data/f && sync && echo WROTE && sleep 3600"]
+    command: ["/bin/sh", "-c", $(python3 -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$3")]
     volumeMounts: [{name: d, mountPath: /data}]
-  volumes: [{name: d, persistentVolumeClaim: {claimName: helm-default-class}}]
+  volumes: [{name: d, persistentVolumeClaim: {claimName: $1}}]
 EOF
-wrote() { k -n default logs helm-writer 2>/dev/null | grep -q WROTE; }
+}
+
+# A claim without storageClassName (what most stateful charts make), then a pod writing.
+claim_and_pod helm-default-class 32Mi 'echo written-through-the-default-class > /data/f && sync && echo WROTE && sleep 3600'
+wrote() { k -n default logs helm-default-class 2>/dev/null | grep -q WROTE; }
 if until_ok 180 wrote; then
   first_write=$(secs "$t_install" "$(now)")
   sc=$(k -n default get pvc helm-default-class -o 'jsonpath={.spec.storageClassName}')
@@ -299,7 +308,7 @@ if until_ok 180 wrote; then
 else
   fail "claim without storageClassName" "$(k -n default get pvc,pod -o wide 2>&1 | tr '\n' ' ' | cut -c1-300); $(k -n default get events -o 'jsonpath={range .items[*]}{.reason}: {.message}{"\n"}{end}' | tail -n 3 | tr '\n' ' ')"
 fi
-k -n default delete pod helm-writer --wait=false >/dev/null 2>&1
+k -n default delete pod helm-default-class --wait=false >/dev/null 2>&1
 
 t=$(now)
 if out=$("$helm" test "$rel" -n "$ns" --timeout 180s 2>&1); then
@@ -309,28 +318,7 @@ else
 fi
 
 # helm upgrade that changes the node pods' template (the DaemonSet rolls) while a pod writes.
-cat <<EOF | k apply -n default -f - >/dev/null
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: helm-steady}
-spec:
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 16Mi}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: helm-steady}
-spec:
-  restartPolicy: Never
-  terminationGracePeriodSeconds: 0
-  containers:
-  - name: c
-    image: $image
-    imagePullPolicy: Never
-    command: ["/bin/sh", "-c", "i=0; while :; do i=\$((i+1)); echo \$i >> /data/log || { echo WRITE-FAILED; exit 1; }; sleep 0.2; done"]
-    volumeMounts: [{name: d, mountPath: /data}]
-  volumes: [{name: d, persistentVolumeClaim: {claimName: helm-steady}}]
-EOF
+claim_and_pod helm-steady 16Mi 'i=0; while :; do i=$((i+1)); echo $i >> /data/log || { echo WRITE-FAILED; exit 1; }; sleep 0.2; done'
 steady_running() { [ "$(k -n default get pod helm-steady -o 'jsonpath={.status.phase}')" = Running ]; }
 lines() { k -n default exec helm-steady -- sh -c 'wc -l < /data/log' 2>/dev/null | tr -dc 0-9; }
 node_pod() { k -n "$ns" get pods -l app.kubernetes.io/component=node -o 'jsonpath={.items[*].metadata.name}'; }
@@ -393,28 +381,7 @@ s_multi() {
 why=""; detail=""
 if s_multi; then pass "helm upgrade to local + s3: one controller, provisioner and node process serve both drivers" "$detail"; else fail "two backends in one install" "$why"; fi
 # The local class still provisions and writes after the switch to per-driver sockets.
-cat <<EOF | k apply -n default -f - >/dev/null
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: helm-after-multi}
-spec:
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 16Mi}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: helm-after-multi}
-spec:
-  restartPolicy: Never
-  terminationGracePeriodSeconds: 0
-  containers:
-  - name: c
-    image: $image
-    imagePullPolicy: Never
-    command: ["/bin/sh", "-c", "echo after-multi > /data/f && cat /data/f"]
-    volumeMounts: [{name: d, mountPath: /data}]
-  volumes: [{name: d, persistentVolumeClaim: {claimName: helm-after-multi}}]
-EOF
+claim_and_pod helm-after-multi 16Mi 'echo after-multi > /data/f && cat /data/f'
 succeeded() { [ "$(k -n default get pod "$1" -o 'jsonpath={.status.phase}')" = Succeeded ]; }
 if until_ok 120 succeeded helm-after-multi && [ "$(k -n default logs helm-after-multi 2>/dev/null)" = after-multi ]; then
   pass "local class provisions and writes with two backends installed"
@@ -426,34 +393,12 @@ until_ok 60 gone helm-after-multi
 k -n default delete pvc helm-after-multi --wait=false >/dev/null 2>&1
 
 # Uninstall keeps a Retain PV and its bytes.
-cat <<EOF | k apply -n default -f - >/dev/null
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: helm-retain}
-spec:
-  storageClassName: stowage-local-retain
-  accessModes: [ReadWriteOnce]
-  resources: {requests: {storage: 16Mi}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: helm-retain-writer}
-spec:
-  restartPolicy: Never
-  terminationGracePeriodSeconds: 0
-  containers:
-  - name: c
-    image: $image
-    imagePullPolicy: Never
-    command: ["/bin/sh", "-c", "echo kept-after-uninstall > /data/kept && sync && echo WROTE"]
-    volumeMounts: [{name: d, mountPath: /data}]
-  volumes: [{name: d, persistentVolumeClaim: {claimName: helm-retain}}]
-EOF
+claim_and_pod helm-retain 16Mi 'echo kept-after-uninstall > /data/kept && sync && echo WROTE' stowage-local-retain
 retain_pv=""
-if until_ok 180 succeeded helm-retain-writer; then
+if until_ok 180 succeeded helm-retain; then
   retain_pv=$(k -n default get pvc helm-retain -o 'jsonpath={.spec.volumeName}')
-  k -n default delete pod helm-retain-writer helm-writer --wait=false >/dev/null 2>&1
-  until_ok 90 gone helm-retain-writer; until_ok 90 gone helm-writer
+  k -n default delete pod helm-retain helm-default-class --wait=false >/dev/null 2>&1
+  until_ok 90 gone helm-retain; until_ok 90 gone helm-default-class
   k -n default delete pvc helm-retain helm-default-class --wait=false >/dev/null 2>&1
   "$helm" uninstall "$rel" -n "$ns" --wait --timeout 120s >"$work/uninstall.log" 2>&1
   handle=$(k get pv "$retain_pv" -o 'jsonpath={.spec.csi.volumeHandle}' 2>/dev/null)
@@ -467,7 +412,7 @@ if until_ok 180 succeeded helm-retain-writer; then
   fi
   k delete pv "$retain_pv" --wait=false >/dev/null 2>&1
 else
-  fail "Retain claim writer" "$(k -n default get pod helm-retain-writer -o wide 2>&1 | tail -n 1)"
+  fail "Retain claim writer" "$(k -n default get pod helm-retain -o wide 2>&1 | tail -n 1)"
 fi
 
 say "install to first write: ${first_write:-n/a}s; image $size; containers: Deployment 2 + DaemonSet 1 per node"
