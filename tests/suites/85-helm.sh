@@ -139,14 +139,18 @@ fi
 
 # --- the image ------------------------------------------------------------------------------
 t=$SECONDS
-# STOWAGE_IMAGE_BIN_DIR (development aid): put those binaries in the image instead of a release
-# build; the size check then fails for debug binaries.
+# STOWAGE_IMAGE_BIN_DIR (development aid, or a CI short of time): put those binaries in the
+# image instead of a release build; the size check is then not run (and not counted).
 "$root/images/build.sh" ${STOWAGE_IMAGE_BIN_DIR:+--bin-dir "$STOWAGE_IMAGE_BIN_DIR"} >"$work/image.out" 2>"$work/image.log" || { tail -n 20 "$work/image.log"; bail "images/build.sh failed"; }
 tarball=$(sed -n 's/^tarball: //p' "$work/image.out"); image=$(sed -n 's/^image: //p' "$work/image.out")
 size=$(sed -n 's/^uncompressed size: //p' "$work/image.out")
 say "image $image ready in $((SECONDS - t))s: $size"
 bytes=${size%% *}
-check "image uncompressed size <= 250 MB" "$size" test "${bytes:-999999999999}" -le 250000000
+if [ -z "${STOWAGE_IMAGE_BIN_DIR:-}" ]; then
+  check "image uncompressed size <= 250 MB (release binaries)" "$size" test "${bytes:-999999999999}" -le 250000000
+else
+  say "size check not run: the image holds the binaries of STOWAGE_IMAGE_BIN_DIR, not a release build"
+fi
 # The dpkg database inside the image: every listed package installed, no purged one left.
 dpkg_check() {
   python3 - "$tarball" "$work/dpkg-status" <<'PY' || return 1
@@ -254,8 +258,11 @@ else
   fail "helm install" "$(tail -n 3 <<<"$out" | tr '\n' ' ')"
   k -n "$ns" get pods -o wide; k -n "$ns" describe pods | tail -n 30
 fi
-grep -q 'stowage-local is the default class' <<<"$out" && pass "NOTES name the default class and say Retain PVs survive uninstall" ||
-  { grep -q 'Retain' <<<"$out"; fail "NOTES" "no default-class line: $(head -c 200 <<<"$out")"; }
+if grep -q 'stowage-local is the default class' <<<"$out" && grep -q 'whose reclaim policy is Retain (and their data) stay' <<<"$out"; then
+  pass "NOTES name the default class and say Retain PVs survive uninstall"
+else
+  fail "NOTES" "no default-class or Retain line: $(head -c 300 <<<"$out")"
+fi
 
 running() { [ "$(k -n "$ns" get pods -l "app.kubernetes.io/component=$1" -o 'jsonpath={.items[*].status.phase}')" = Running ]; }
 ready_all() { local r; r=$(k -n "$ns" get pods -l "app.kubernetes.io/component=$1" -o 'jsonpath={.items[*].status.containerStatuses[*].ready}'); [ -n "$r" ] && ! grep -q false <<<"$r"; }
