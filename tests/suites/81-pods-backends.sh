@@ -11,7 +11,7 @@
 set -uo pipefail
 suite=81-pods
 # shellcheck source=../pods/lib.bash
-. "$(dirname "$0")/../pods/lib.bash"
+. "${STOWAGE_ROOT:-$(dirname "$0")/../..}/tests/pods/lib.bash"
 gluster="$root/tests/infra/gluster.sh"
 ceph="$root/tests/infra/ceph.sh"
 pods_cleanup_hook() {
@@ -213,25 +213,32 @@ s_s3() {
 }
 
 s_rbd_attach() {
-  local c=rbd-data pv va att ph t0 t_att early="" polls=0 image watchers
+  local c=rbd-data pv va att ph t0 t_att t_run image watchers prov
   sc="pods-rbd-$id"
   claim "$c" 64Mi
   until_ok 60 bound "$c" || { why="claim $c not Bound in 60 s: $(k -n "$ns" describe pvc "$c" | tail -n 3)"; return 1; }
   pv=$(pv_of "$c")
+  # The attach duty is held (the rbd provisioner SIGSTOPped) while the pod is made: KCM makes
+  # the VolumeAttachment, nobody attaches it, and the pod must stay Pending. Then the duty
+  # resumes, attaches, and only then the pod runs.
+  prov=$(cat "$work/rbd-provisioner.pid")
+  kill -STOP "$prov"
   t0=$(now)
   pod rbd-w "$c" 'head -c 1048576 /dev/urandom > /data/blob && sync && echo "WROTE $(sha256sum /data/blob | cut -d" " -f1)"; sleep 3600'
-  # Until the VolumeAttachment says attached, the pod must not have run.
-  while :; do
-    read -r va att <<<"$(va_of "$pv")"
-    ph=$(phase rbd-w)
-    [ "${att:-}" = true ] && break
-    case "$ph" in Running|Succeeded|Failed) early="pod $ph while VolumeAttachment ${va:-none} attached=${att:-unset}" ;; esac
-    polls=$((polls + 1))
-    [ "$polls" -gt 300 ] && { why="VolumeAttachment of $pv not attached within ~90 s (${va:-none}): $(k get volumeattachment "$va" -o 'jsonpath={.status.attachError.message}' 2>/dev/null)"; return 1; }
-    sleep 0.3
-  done
+  until_ok 60 bash -c "[ -n \"\$($KUBECTL get volumeattachment -o 'jsonpath={.items[?(@.spec.source.persistentVolumeName==\"$pv\")].metadata.name}')\" ]" ||
+    { kill -CONT "$prov"; why="KCM made no VolumeAttachment for $pv within 60 s of the pod"; return 1; }
+  sleep 8
+  read -r va att <<<"$(va_of "$pv")"
+  ph=$(phase rbd-w)
+  kill -CONT "$prov"
+  [ "${att:-}" != true ] || { why="VolumeAttachment $va attached while the attach duty was stopped"; return 1; }
+  [ "$ph" = Pending ] || { why="pod $ph while its VolumeAttachment $va was not attached (attached=${att:-unset})"; return 1; }
+  t0=$(now)
+  until_ok 90 bash -c "[ \"\$($KUBECTL get volumeattachment $va -o 'jsonpath={.status.attached}')\" = true ]" ||
+    { why="VolumeAttachment $va not attached within 90 s of the duty resuming: $(k get volumeattachment "$va" -o 'jsonpath={.status.attachError.message}' 2>/dev/null)"; return 1; }
   t_att=$(secs "$t0" "$(now)")
-  [ -z "$early" ] || { why="$early"; return 1; }
+  wait_phase rbd-w Running 120 || return 1
+  t_run=$(secs "$t0" "$(now)")
   until_ok 120 logs_have rbd-w WROTE || { wait_phase rbd-w Running 1; why="writer never wrote: ${why:-$(phase rbd-w)}"; return 1; }
   first_write=$(secs "$t0" "$(now)")
   sum=$(k -n "$ns" logs rbd-w | sed -n 's/^WROTE //p')
@@ -251,7 +258,7 @@ s_rbd_attach() {
   until_ok 60 bash -c "[ \$(rbd -c '$CEPH_CONF' -k '$CEPH_KEYRING' --id '$CEPH_USER' status '$image' 2>&1 | grep -c watcher=) = 0 ]" ||
     { why="image $image still watched after detach: $(rbd_ status "$image" 2>&1 | tr '\n' ' ')"; return 1; }
   until_ok 60 no_csi_mounts || { why="CSI mounts left after the last pod: $(csi_mounts | tr '\n' ' ')"; return 1; }
-  detail="pod Pending until attached (${t_att}s after apply, $polls polls), first write ${first_write}s, 1 MiB read back, VolumeAttachment gone ${t_det}s after the last pod, no watcher, unmounted"
+  detail="pod Pending 8 s with its VolumeAttachment unattached (attach duty stopped); resumed: attached ${t_att}s, pod Running ${t_run}s, first write ${first_write}s after, 1 MiB read back, VolumeAttachment gone ${t_det}s after the last pod, no watcher, unmounted"
 }
 
 # Resize while a pod writes. df_k POD: the size in KiB of /data as the pod sees it.
@@ -260,9 +267,10 @@ log_lines() { k -n "$ns" exec "$1" -- sh -c 'wc -l < /data/log' 2>/dev/null | tr
 pvc_cap() { k -n "$ns" get pvc "$1" -o 'jsonpath={.status.capacity.storage}'; }
 pvc_conds() { k -n "$ns" get pvc "$1" -o 'jsonpath={range .status.conditions[*]}{.type} {end}'; }
 writer_pod() { pod "$1" "$2" 'while :; do date >> /data/log; sleep 0.2; done'; }
-# grow_while_writing CLAIM POD NEW_SIZE NEW_MIN_KIB: the claim grows while POD appends to a log;
-# sets grown_t (request to df in the pod showing >= NEW_MIN_KIB) or leaves it empty when the
-# filesystem did not grow online within 60 s; the pod must keep writing either way.
+# grow_while_writing CLAIM POD NEW_SIZE NEW_MIN_KIB [NODE_LOG]: the claim grows while POD appends
+# to a log; sets grown_t (request to df in the pod showing >= NEW_MIN_KIB) or leaves it empty
+# when the filesystem did not grow online within 60 s (or NODE_LOG says it cannot); the pod must
+# keep writing either way.
 grow_while_writing() {
   local c=$1 p=$2 n1 n2 t0 sz
   grown_t=""
@@ -275,6 +283,8 @@ grow_while_writing() {
   for _ in $(seq 1 60); do
     sz=$(df_k "$p")
     [ -n "$sz" ] && [ "$sz" -ge "$4" ] && { grown_t=$(secs "$t0" "$(now)"); break; }
+    # The node plugin said it cannot grow this one online: no use waiting.
+    [ -n "${5:-}" ] && grep -q 'needs CAP_SYS_RESOURCE' "$5" && break
     sleep 1
   done
   n1=$(log_lines "$p"); sleep 2; n2=$(log_lines "$p")
@@ -290,7 +300,7 @@ s_resize_local() {
   writer_pod grow-1 "$c"
   wait_phase grow-1 Running 90 || return 1
   local before; before=$(df_k grow-1)
-  grow_while_writing "$c" grow-1 160Mi 140000 || return 1
+  grow_while_writing "$c" grow-1 160Mi 140000 "$work/local-node.log" || return 1
   if [ -n "$grown_t" ]; then
     until_ok 60 bash -c "[ \"\$($KUBECTL -n $ns get pvc $c -o 'jsonpath={.status.capacity.storage}')\" = 160Mi ]" ||
       { why="df grew but PVC status capacity is $(pvc_cap "$c")"; return 1; }
@@ -304,6 +314,11 @@ s_resize_local() {
   [ "$(pvc_cap "$c")" = 64Mi ] || { why="PVC capacity $(pvc_cap "$c") while the pod's filesystem is still $df_now KiB"; return 1; }
   grep -q 'needs CAP_SYS_RESOURCE' "$work/local-node.log" || { why="no online grow and no CAP_SYS_RESOURCE refusal in the node log"; return 1; }
   delete_pod grow-1 || return 1
+  # Only a fresh stage grows it: a pod started while the old staging mount is still there
+  # (kubelet unstages a moment after the pod object goes) would reuse it, ungrown.
+  # NodeUnstage detaches the image's loop device last.
+  local img; img="$work/local/$(handle_of "$c" | cut -d/ -f2-)/"
+  until_ok 60 bash -c "! losetup -a | grep -qF '$img'" || { why="$img still on a loop device 60 s after its pod"; return 1; }
   writer_pod grow-2 "$c"
   wait_phase grow-2 Running 90 || return 1
   local after; after=$(df_k grow-2)
