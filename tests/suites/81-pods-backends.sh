@@ -300,7 +300,8 @@ s_resize_local() {
   writer_pod grow-1 "$c"
   wait_phase grow-1 Running 90 || return 1
   local before; before=$(df_k grow-1)
-  grow_while_writing "$c" grow-1 160Mi 140000 "$work/local-node.log" || return 1
+  # 64Mi -> 160Mi: the filesystem must gain at least 80 MiB (ext4 keeps some for itself).
+  grow_while_writing "$c" grow-1 160Mi $((before + 81920)) "$work/local-node.log" || return 1
   if [ -n "$grown_t" ]; then
     until_ok 60 bash -c "[ \"\$($KUBECTL -n $ns get pvc $c -o 'jsonpath={.status.capacity.storage}')\" = 160Mi ]" ||
       { why="df grew but PVC status capacity is $(pvc_cap "$c")"; return 1; }
@@ -322,7 +323,7 @@ s_resize_local() {
   writer_pod grow-2 "$c"
   wait_phase grow-2 Running 90 || return 1
   local after; after=$(df_k grow-2)
-  [ -n "$after" ] && [ "$after" -ge 140000 ] || { why="new pod's df shows ${after:-nothing} KiB after the grow to 160Mi"; return 1; }
+  [ -n "$after" ] && [ "$after" -ge $((before + 81920)) ] || { why="new pod's df shows ${after:-nothing} KiB (was $before) after the grow to 160Mi"; return 1; }
   until_ok 60 bash -c "[ \"\$($KUBECTL -n $ns get pvc $c -o 'jsonpath={.status.capacity.storage}')\" = 160Mi ]" ||
     { why="PVC status capacity $(pvc_cap "$c") after the restage (conditions $(pvc_conds "$c"))"; return 1; }
   # The old log is still there and the new pod appends to it.
@@ -340,7 +341,9 @@ s_resize_rbd() {
   writer_pod rgrow "$c"
   wait_phase rgrow Running 120 || return 1
   before=$(df_k rgrow)
-  grow_while_writing "$c" rgrow 512Mi 500000 || return 1
+  # 320Mi -> 512Mi: at least 128 MiB more (df shows the size less xfs's internal log, 64 MiB
+  # here: 256 MiB before, 448 MiB after).
+  grow_while_writing "$c" rgrow 512Mi $((before + 131072)) || return 1
   [ -n "$grown_t" ] || { why="df in the pod still $df_now KiB 60 s after the request (PVC conditions: $(pvc_conds "$c"); node: $(grep -i 'expand\|grow' "$work/rbd-node.log" | tail -n 1 | cut -c1-300))"; return 1; }
   until_ok 60 bash -c "[ \"\$($KUBECTL -n $ns get pvc $c -o 'jsonpath={.status.capacity.storage}')\" = 512Mi ]" ||
     { why="df grew but PVC status capacity is $(pvc_cap "$c") (conditions $(pvc_conds "$c"))"; return 1; }
