@@ -41,7 +41,7 @@ inputs() {
     pause) sha256sum "$SCRIPT_DIR/kubelet/pause.c" "${BASH_SOURCE[0]}" | awk '{print $1}' | tr '\n' ' ' ;;
     busybox) dpkg-query -W -f '${Version}' busybox-static; sha256sum "${BASH_SOURCE[0]}" | cut -c1-16 ;;
     postgres) echo "bookworm postgresql-15 v1"; sha256sum "${BASH_SOURCE[0]}" | cut -c1-16 ;;
-    mariadb) echo "bookworm mariadb-server v1" ;;
+    mariadb) echo "bookworm mariadb-server"; declare -f fill_mariadb | sha256sum | cut -c1-16 ;;
   esac
 }
 
