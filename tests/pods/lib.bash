@@ -112,9 +112,10 @@ delete_pod() { # name: graceful delete, bounded wait for the object to go (volum
 }
 # (Never `cmd | grep -q` here: with pipefail, grep's early exit turns cmd's SIGPIPE into a failure.)
 logs_have() { local l; l=$(k -n "$ns" logs "$1" 2>/dev/null); grep -q -- "$2" <<<"$l"; }
-# CSI mounts (publish targets, staging globalmounts, block device maps) under kubelet's root.
-csi_mounts() { awk -v p="$KUBELET_ROOT/" 'index($5, p) == 1 && $5 ~ /kubernetes.io[~\/]csi/ {print $5}' /proc/self/mountinfo; }
-no_csi_mounts() { [ -z "$(csi_mounts)" ]; }
+# CSI mounts (publish targets, staging globalmounts, block device maps) under kubelet's root
+# (or the root given).
+csi_mounts() { awk -v p="${1:-$KUBELET_ROOT}/" 'index($5, p) == 1 && $5 ~ /kubernetes.io[~\/]csi/ {print $5}' /proc/self/mountinfo; }
+no_csi_mounts() { [ -z "$(csi_mounts "$@")" ]; }
 # How often kubelet registered a driver (its csi plugin logs each registration).
 reg_count() { local n; n=$(grep -c "Register new plugin with name: ${1:-$drv}" "$KUBELET_STATE/logs/kubelet.log" 2>/dev/null); echo "${n:-0}"; }
 claim() { # name size [accessMode] [volumeMode]  (StorageClass $sc)
@@ -129,9 +130,11 @@ spec:
   resources: {requests: {storage: $2}}
 EOF
 }
+node_selector() { [ -z "${pod_node:-}" ] || printf '%snodeSelector: {kubernetes.io/hostname: "%s"}\n' "$1" "$pod_node"; }
 bound() { [ "$(k -n "$ns" get pvc "$1" -o 'jsonpath={.status.phase}')" = Bound ]; }
 json_str() { printf '%s' "$1" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))'; }
-# pod NAME CLAIM SCRIPT [readOnly] : a busybox pod with the claim at /data.
+# pod NAME CLAIM SCRIPT [readOnly] : a busybox pod with the claim at /data (on node $pod_node
+# when that is set: the scheduler still checks the pod's volumes).
 pod() {
   cat <<EOF | k -n "$ns" apply -f - >/dev/null
 apiVersion: v1
@@ -140,6 +143,7 @@ metadata: {name: $1}
 spec:
   restartPolicy: Never
   terminationGracePeriodSeconds: 0
+$(node_selector "  ")
   containers:
   - name: c
     image: $busybox

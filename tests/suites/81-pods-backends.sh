@@ -15,6 +15,7 @@ suite=81-pods
 gluster="$root/tests/infra/gluster.sh"
 ceph="$root/tests/infra/ceph.sh"
 pods_cleanup_hook() {
+  "$kubelet" stop --state "$work/node2" >/dev/null 2>&1
   "$gluster" stop --state "$work/gluster" >/dev/null 2>&1
   "$ceph" stop --state "$work/ceph" --purge >/dev/null 2>&1
 }
@@ -28,7 +29,19 @@ trap 'exit 130' INT TERM
 servers_t=$SECONDS
 pods_setup
 pods_bins
+# A second node (its own kubelet, containerd and network) for ReadWriteMany across nodes and an
+# RBD volume moving between nodes.
+node2_n=""
+for n in 1 2 3 4 5 6 7 8 9; do ip link show "stowk${n}a" >/dev/null 2>&1 || { node2_n=$n; break; }; done
+[ -n "$node2_n" ] || bail "no free kubelet node number for the second node"
+( "$kubelet" start --state "$work/node2" --kube-state "$work/kube" --node "$node2_n" >"$work/kubelet2-start.log" 2>&1; echo $? > "$work/kubelet2-start.rc" ) &
 wait
+[ "$(cat "$work/kubelet2-start.rc")" = 0 ] || { tail -n 20 "$work/kubelet2-start.log"; bail "second kubelet node did not become Ready"; }
+node2=$(. "$work/node2/env"; echo "$KUBELET_NODE_NAME"); node2_root=$(. "$work/node2/env"; echo "$KUBELET_ROOT")
+node2_state=$(. "$work/node2/env"; echo "$KUBELET_STATE")
+# Every pod goes to the first node unless a scenario says otherwise (nodeSelector: the
+# scheduler still applies its volume checks).
+pod_node=$KUBELET_NODE_NAME
 [ "$(cat "$work/gluster-start.rc")" = 0 ] || { tail -n 10 "$work/gluster-start.log"; bail "glusterd did not start"; }
 [ "$(cat "$work/ceph-start.rc")" = 0 ] || { tail -n 10 "$work/ceph-start.log"; bail "ceph with radosgw did not start"; }
 say "glusterd and ceph+rgw ready $((SECONDS - servers_t))s after start (beside the control plane)"
@@ -39,16 +52,21 @@ say "glusterd and ceph+rgw ready $((SECONDS - servers_t))s after start (beside t
 
 # --- one driver per backend ---------------------------------------------------------------
 # start_driver NAME DRIVER CONFIG: controller, node (self-registering), provisioner, CSIDriver.
+# start_node_plugin NAME DRIVER CONFIG KUBELET_ROOT NODE: a stowage-node for that kubelet.
+start_node_plugin() {
+  local sock="$4/plugins/$2/csi.sock" tag=$1-node${6:-}
+  mkdir -p "$4/plugins/$2" "$4/plugins_registry"
+  setsid "$work/bin/stowage-node" --endpoint "unix://$sock" --config "$3" --node-id "$5" \
+    --kubelet-root "$4" --kubelet-registration-path "$sock" </dev/null >>"$work/$tag.log" 2>&1 &
+  echo $! > "$work/$tag.pid"
+  until_ok 30 sock_up "$sock" || { tail -n 20 "$work/$tag.log"; bail "stowage-node ($tag) socket did not come up"; }
+}
+# start_driver NAME DRIVER CONFIG: controller, node (self-registering), provisioner, CSIDriver.
 start_driver() {
-  local name=$1 d=$2 cfg=$3 sock="$KUBELET_ROOT/plugins/$2/csi.sock"
-  mkdir -p "$KUBELET_ROOT/plugins/$d" "$KUBELET_ROOT/plugins_registry"
-  start_controller "$name" "$cfg"
-  setsid "$work/bin/stowage-node" --endpoint "unix://$sock" --config "$cfg" --node-id "$KUBELET_NODE_NAME" \
-    --kubelet-root "$KUBELET_ROOT" --kubelet-registration-path "$sock" </dev/null >>"$work/$name-node.log" 2>&1 &
-  echo $! > "$work/$name-node.pid"
-  until_ok 30 sock_up "$sock" || { tail -n 20 "$work/$name-node.log"; bail "stowage-node ($name) socket did not come up"; }
-  start_provisioner "$name"
-  k apply -f "$root/provisioner/deploy/csidriver/$name.yaml" >/dev/null || bail "CSIDriver $d did not apply"
+  start_controller "$1" "$3"
+  start_node_plugin "$1" "$2" "$3" "$KUBELET_ROOT" "$KUBELET_NODE_NAME"
+  start_provisioner "$1"
+  k apply -f "$root/provisioner/deploy/csidriver/$1.yaml" >/dev/null || bail "CSIDriver $2 did not apply"
 }
 registered() { [ "$(reg_count "$1")" -gt 0 ]; }
 
@@ -98,13 +116,21 @@ instances:
     dirMode: "0777"
     capacity: image
 EOF
+# The second node runs the GlusterFS and RBD plugins (its own rbd-fuse run directory).
+sed "s|runDir: $work/rbd-run|runDir: $work/rbd-run-2|" "$work/rbd.yaml" > "$work/rbd-2.yaml"
 t=$SECONDS
 for b in glusterfs s3 rbd local; do start_driver "$b" "$b.stowage.io" "$work/$b.yaml"; done
+start_node_plugin glusterfs glusterfs.stowage.io "$work/glusterfs.yaml" "$node2_root" "$node2" 2
+start_node_plugin rbd rbd.stowage.io "$work/rbd-2.yaml" "$node2_root" "$node2" 2
 for b in glusterfs s3 rbd local; do
   until_ok 40 registered "$b.stowage.io" ||
     bail "kubelet did not register $b.stowage.io within 40 s: $(grep -o 'RegisterPlugin error.*' "$KUBELET_STATE/logs/kubelet.log" | tail -n 1 | cut -c1-300)"
 done
-say "4 drivers registered with kubelet $((SECONDS - t))s after their start"
+registered2() { [ "$(grep -c "Register new plugin with name: $1" "$node2_state/logs/kubelet.log" 2>/dev/null)" -gt 0 ]; }
+for b in glusterfs rbd; do
+  until_ok 40 registered2 "$b.stowage.io" || bail "the second kubelet did not register $b.stowage.io within 40 s"
+done
+say "4 drivers on $KUBELET_NODE_NAME and 2 on $node2 registered with their kubelets $((SECONDS - t))s after their start"
 
 # Credentials for S3 and RBD: a Secret the StorageClasses name for every CSI call that takes one.
 k -n "$ns" create secret generic s3-creds --from-literal=accessKeyID="$S3_ACCESS_KEY" \
@@ -379,6 +405,7 @@ spec:
     metadata: {labels: {app: $set}}
     spec:
       terminationGracePeriodSeconds: 1
+$(node_selector "      ")
       containers:
       - name: mariadb
         image: $("$images" ref mariadb)
@@ -413,6 +440,7 @@ metadata: {name: $set-load}
 spec:
   restartPolicy: Never
   terminationGracePeriodSeconds: 0
+$(node_selector "  ")
   containers:
   - name: c
     image: $("$images" ref mariadb)
@@ -448,15 +476,73 @@ EOF
   k -n "$ns" delete pvc "data-$p" --wait=false >/dev/null
 }
 
+# ReadWriteMany across the two nodes: one pod on each, each reads the other's write.
+s_gluster_rwx_nodes() {
+  local c=gl-shared a b n1 n2
+  sc="pods-gluster-$id"
+  bound "$c" || { claim "$c" 64Mi ReadWriteMany; until_ok 60 bound "$c" || { why="RWX claim not Bound in 60 s"; return 1; }; }
+  for a in c d; do
+    b=$([ "$a" = c ] && echo d || echo c)
+    pod_node=$([ "$a" = c ] && echo "$KUBELET_NODE_NAME" || echo "$node2")
+    pod "rwx-$a" "$c" "echo from-$a-\$(hostname) > /data/$a; i=0; until [ -s /data/$b ] || [ \$i -ge 600 ]; do i=\$((i+1)); sleep 0.1; done; echo \"SAW \$(cat /data/$b)\""
+  done
+  pod_node=$KUBELET_NODE_NAME
+  wait_phase rwx-c Succeeded 120 && wait_phase rwx-d Succeeded 60 || return 1
+  n1=$(k -n "$ns" get pod rwx-c -o 'jsonpath={.spec.nodeName}'); n2=$(k -n "$ns" get pod rwx-d -o 'jsonpath={.spec.nodeName}')
+  [ "$n1" = "$KUBELET_NODE_NAME" ] && [ "$n2" = "$node2" ] || { why="pods ran on $n1 and $n2, not one on each node"; return 1; }
+  a=$(k -n "$ns" logs rwx-c | sed -n 's/^SAW //p'); b=$(k -n "$ns" logs rwx-d | sed -n 's/^SAW //p')
+  [ "$a" = "from-d-rwx-d" ] && [ "$b" = "from-c-rwx-c" ] || { why="pod on $n1 saw '${a}', pod on $n2 saw '${b}'"; return 1; }
+  delete_pod rwx-c && delete_pod rwx-d || return 1
+  until_ok 60 no_csi_mounts "$node2_root" || { why="CSI mounts left on $node2: $(csi_mounts "$node2_root" | tr '\n' ' ')"; return 1; }
+  detail="pods on $n1 and $n2 each read the other's write, unmounted on both"
+}
+
+# An RBD ReadWriteOnce volume in use on node 1: a pod on node 2 waits (KCM refuses a second
+# attachment); once the first pod is gone the volume is detached from node 1, attached to
+# node 2, and the pod there reads what node 1 wrote.
+s_rbd_move() {
+  local c=rbd-move pv sum got t0 t_move ev nodes
+  sc="pods-rbd-$id"
+  claim "$c" 64Mi
+  until_ok 60 bound "$c" || { why="claim $c not Bound in 60 s"; return 1; }
+  pv=$(pv_of "$c")
+  pod mv-1 "$c" 'head -c 1048576 /dev/urandom > /data/blob && sync && echo "WROTE $(sha256sum /data/blob | cut -d" " -f1)"; sleep 3600'
+  wait_phase mv-1 Running 120 || return 1
+  until_ok 60 logs_have mv-1 WROTE || { why="first pod did not write"; return 1; }
+  sum=$(k -n "$ns" logs mv-1 | sed -n 's/^WROTE //p')
+  pod_node=$node2
+  pod mv-2 "$c" 'echo "READ $(sha256sum /data/blob | cut -d" " -f1)"'
+  pod_node=$KUBELET_NODE_NAME
+  sleep 10
+  [ "$(phase mv-2)" = Pending ] || { why="pod on $node2 is $(phase mv-2) while the RWO volume is attached to $KUBELET_NODE_NAME"; return 1; }
+  nodes=$(k get volumeattachment -o "jsonpath={range .items[?(@.spec.source.persistentVolumeName==\"$pv\")]}{.spec.nodeName} {end}")
+  [ "$nodes" = "$KUBELET_NODE_NAME " ] || { why="VolumeAttachments of $pv are on '${nodes}', not on $KUBELET_NODE_NAME alone"; return 1; }
+  ev=$(k -n "$ns" get events --field-selector involvedObject.name=mv-2 -o 'jsonpath={range .items[*]}{.reason}: {.message}{"\n"}{end}' | grep -m1 -i 'multi-attach' | cut -c1-160)
+  t0=$(now)
+  delete_pod mv-1 || return 1
+  wait_phase mv-2 Succeeded 240 || return 1
+  t_move=$(secs "$t0" "$(now)")
+  got=$(k -n "$ns" logs mv-2 | sed -n 's/^READ //p')
+  [ -n "$sum" ] && [ "$got" = "$sum" ] || { why="node 1 wrote sha256 $sum, the pod on $node2 read ${got:-nothing}"; return 1; }
+  delete_pod mv-2 || return 1
+  until_ok 180 bash -c "[ -z \"\$($KUBECTL get volumeattachment -o 'jsonpath={.items[?(@.spec.source.persistentVolumeName==\"$pv\")].metadata.name}')\" ]" ||
+    { why="VolumeAttachment of $pv still there after the last pod"; return 1; }
+  until_ok 60 no_csi_mounts "$node2_root" || { why="CSI mounts left on $node2: $(csi_mounts "$node2_root" | tr '\n' ' ')"; return 1; }
+  detail="pod on $node2 Pending while attached to $KUBELET_NODE_NAME (${ev:-no Multi-Attach event}); moved and read back ${t_move}s after the first pod's delete"
+}
+
 run "GlusterFS: write, delete pod, new pod reads the bytes (and the brick has them)" s_gluster_persist
 run "GlusterFS ReadWriteMany: two running pods see each other's writes" s_gluster_rwx
+run "GlusterFS ReadWriteMany across two nodes" s_gluster_rwx_nodes
 run "S3 (RGW, s3fs): write, second pod reads back, object bytes on the gateway" s_s3
 run "RBD (rbd-fuse): pod starts only after attach, write/read, detached after the last pod" s_rbd_attach
+run "RBD ReadWriteOnce moves from node 1 to node 2 once the first pod is gone" s_rbd_move
 run "resize local (capacity: image) while a pod writes" s_resize_local
 run "resize RBD (xfs) while a pod writes: df in the pod shows the new size" s_resize_rbd
 run "MariaDB StatefulSet on local: kill -9 mid-insert, every acknowledged row present" s_mariadb my-local "pods-local-$id"
 run "MariaDB StatefulSet on RBD: kill -9 mid-insert, every acknowledged row present" s_mariadb my-rbd "pods-rbd-$id"
 
 until_ok 60 no_csi_mounts || fail "no CSI mounts left at the end" "$(csi_mounts | tr '\n' ' ')"
+until_ok 60 no_csi_mounts "$node2_root" || fail "no CSI mounts left on $node2 at the end" "$(csi_mounts "$node2_root" | tr '\n' ' ')"
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]
