@@ -407,43 +407,8 @@ s_postgres() {
     { why="postgres image: $(tail -n 3 "$work/pg-image.log")"; return 1; }
   say "postgres image ready in containerd in $((SECONDS - t0))s"
   k -n "$ns" create configmap pg-entry --from-file=entrypoint.sh="$root/tests/pods/postgres-entrypoint.sh" >/dev/null || { why="configmap"; return 1; }
-  cat <<EOF | k -n "$ns" apply -f - >/dev/null
-apiVersion: apps/v1
-kind: StatefulSet
-metadata: {name: pg}
-spec:
-  serviceName: pg
-  replicas: 1
-  selector: {matchLabels: {app: pg}}
-  template:
-    metadata: {labels: {app: pg}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: postgres
-        image: $("$images" ref postgres)
-        imagePullPolicy: Never
-        command: ["/bin/sh", "/entry/entrypoint.sh"]
-        env: [{name: PGDATA, value: /data/pg}]
-        readinessProbe:
-          exec: {command: ["pg_isready", "-h", "/tmp", "-U", "postgres"]}
-          periodSeconds: 1
-          failureThreshold: 2
-        volumeMounts: [{name: data, mountPath: /data}, {name: entry, mountPath: /entry}]
-      volumes: [{name: entry, configMap: {name: pg-entry}}]
-  volumeClaimTemplates:
-  - metadata: {name: data}
-    spec:
-      storageClassName: $sc
-      # ReadWriteOncePod: with ReadWriteOnce a force-deleted pg-0 and its replacement ran two
-      # postmasters on one data directory for a few seconds (same node; postmaster.pid cannot
-      # see across PID namespaces) and 298 of 3044 acknowledged commits were lost (one run).
-      # With RWOP no run lost a row; stowage-node logged no RWOP NodePublish refusal, so the
-      # replacement was only published after the old pod's unpublish (the detail line counts
-      # refusals).
-      accessModes: [ReadWriteOncePod]
-      resources: {requests: {storage: 512Mi}}
-EOF
+  db_statefulset pg "$("$images" ref postgres)" pg-entry PGDATA=/data/pg '["pg_isready", "-h", "/tmp", "-U", "postgres"]' "$sc" ||
+    { why="StatefulSet pg did not apply"; return 1; }
   t0=$(now)
   until_ok 180 pg_ready || { why="pg-0 not ready in 180 s: $(k -n "$ns" logs pg-0 2>&1 | tail -n 3)"; return 1; }
   pg_ip=$(k -n "$ns" get pod pg-0 -o 'jsonpath={.status.podIP}')

@@ -405,40 +405,9 @@ s_mariadb() {
   k -n "$ns" get configmap my-entry >/dev/null 2>&1 ||
     k -n "$ns" create configmap my-entry --from-file=entrypoint.sh="$root/tests/pods/mariadb-entrypoint.sh" \
       --from-file=load.sh="$root/tests/pods/mariadb-load.sh" >/dev/null || { why="configmap"; return 1; }
-  cat <<EOF | k -n "$ns" apply -f - >/dev/null
-apiVersion: apps/v1
-kind: StatefulSet
-metadata: {name: $set}
-spec:
-  serviceName: $set
-  replicas: 1
-  selector: {matchLabels: {app: $set}}
-  template:
-    metadata: {labels: {app: $set}}
-    spec:
-      terminationGracePeriodSeconds: 1
-$(node_selector "      ")
-      containers:
-      - name: mariadb
-        image: $("$images" ref mariadb)
-        imagePullPolicy: Never
-        command: ["/bin/sh", "/entry/entrypoint.sh"]
-        env: [{name: DATADIR, value: /data/mysql}]
-        readinessProbe:
-          exec: {command: ["mariadb-admin", "--socket=/run/mysqld/mysqld.sock", "-u", "root", "ping"]}
-          periodSeconds: 1
-          failureThreshold: 2
-        volumeMounts: [{name: data, mountPath: /data}, {name: entry, mountPath: /entry}]
-      volumes: [{name: entry, configMap: {name: my-entry}}]
-  volumeClaimTemplates:
-  - metadata: {name: data}
-    spec:
-      storageClassName: $sc
-      # ReadWriteOncePod, as for PostgreSQL in 80-pods: two mysqld on one data directory
-      # (old pod and its replacement) would corrupt it.
-      accessModes: [ReadWriteOncePod]
-      resources: {requests: {storage: 512Mi}}
-EOF
+  db_statefulset "$set" "$("$images" ref mariadb)" my-entry DATADIR=/data/mysql \
+    '["mariadb-admin", "--socket=/run/mysqld/mysqld.sock", "-u", "root", "ping"]' "$sc" ||
+    { why="StatefulSet $set did not apply"; return 1; }
   t0=$(now)
   until_ok 240 my_ready "$p" || { why="$p not ready in 240 s: $(k -n "$ns" logs "$p" 2>&1 | tail -n 3 | tr '\n' ' ')"; return 1; }
   ip=$(k -n "$ns" get pod "$p" -o 'jsonpath={.status.podIP}')
