@@ -12,12 +12,15 @@
 #   busybox   localhost/stowage/busybox:1.35   Debian's busybox-static, applets as symlinks
 #   postgres  localhost/stowage/postgres:15    Debian bookworm minbase + postgresql-15
 #                                              (mmdebstrap; ~1-2 min once, then cached)
+#   mariadb   localhost/stowage/mariadb:10.11  Debian bookworm minbase + mariadb-server
+#                                              (10.11) and its client; no database made
+#                                              (tests/pods/mariadb-entrypoint.sh does it)
 # Cache: $STOWAGE_CACHE/images/<name>.tar, rebuilt when its inputs change (.stamp next to it).
 set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 CACHE_ROOT="${STOWAGE_CACHE:-$HOME/.cache/stowage}"
 IMG_DIR="$CACHE_ROOT/images"
-ALL=(pause busybox postgres)
+ALL=(pause busybox postgres mariadb)
 
 log() { printf '[images.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[images.sh] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -27,6 +30,7 @@ ref() {
     pause) echo localhost/stowage/pause:3.10 ;;
     busybox) echo localhost/stowage/busybox:1.35 ;;
     postgres) echo localhost/stowage/postgres:15 ;;
+    mariadb) echo localhost/stowage/mariadb:10.11 ;;
     *) die "unknown image $1 (known: ${ALL[*]})" ;;
   esac
 }
@@ -37,6 +41,7 @@ inputs() {
     pause) sha256sum "$SCRIPT_DIR/kubelet/pause.c" "${BASH_SOURCE[0]}" | awk '{print $1}' | tr '\n' ' ' ;;
     busybox) dpkg-query -W -f '${Version}' busybox-static; sha256sum "${BASH_SOURCE[0]}" | cut -c1-16 ;;
     postgres) echo "bookworm postgresql-15 v1"; sha256sum "${BASH_SOURCE[0]}" | cut -c1-16 ;;
+    mariadb) echo "bookworm mariadb-server"; declare -f fill_mariadb | sha256sum | cut -c1-16 ;;
   esac
 }
 
@@ -89,6 +94,21 @@ fill_postgres() {
   rm -rf "$r/var/lib/postgresql/15/main" "$r/etc/postgresql/15/main"
 }
 
+fill_mariadb() {
+  local r="$1" w="$2"
+  need mmdebstrap
+  # Debian's mariadb-server (10.11, with the mariadb client) in a minimal bookworm, plus
+  # busybox for a shell toolbox. Its postinst cannot make a database in the chroot (no
+  # running server), and none is wanted: the pod's entrypoint makes it on the claim.
+  mmdebstrap --variant=minbase --include=mariadb-server,mariadb-client,busybox-static,procps \
+    --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' \
+    bookworm "$w/rootfs.tar" >&2
+  tar -xpf "$w/rootfs.tar" -C "$r" --numeric-owner
+  rm -f "$w/rootfs.tar"
+  rm -rf "$r/var/lib/mysql"/*
+}
+
 build_one() {
   local name="$1" want
   want="$(inputs "$name")"
@@ -103,6 +123,8 @@ build_one() {
     busybox) oci_from_dir busybox 1.35 fill_busybox --config.cmd /bin/sh --config.env PATH=/bin ;;
     postgres) oci_from_dir postgres 15 fill_postgres --config.cmd /bin/sh \
                 --config.env PATH=/usr/lib/postgresql/15/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin ;;
+    mariadb) oci_from_dir mariadb 10.11 fill_mariadb --config.cmd /bin/sh \
+               --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin ;;
   esac
   echo "$want" > "$IMG_DIR/$name.stamp"
   log "image $name built in $((SECONDS - t0))s"

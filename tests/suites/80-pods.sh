@@ -16,149 +16,17 @@
 # Ready 2-6 s after kubelet.sh start; pod apply to first write on a bound claim 2.2-7.8 s;
 # PostgreSQL image (mmdebstrap, once, cached) 118 s, import 10-17 s.
 set -uo pipefail
-root=${STOWAGE_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}
-kube="$root/tests/infra/kube.sh"
-kubelet="$root/tests/infra/kubelet.sh"
-images="$root/tests/infra/images.sh"
-export STOWAGE_CACHE=${STOWAGE_CACHE:-$HOME/.cache/stowage}
-work=$(mktemp -d /tmp/stowage-pods.XXXXXX)
+suite=80-pods
+# shellcheck source=../pods/lib.bash
+. "$(dirname "$0")/../pods/lib.bash"
 drv=local.stowage.io
-passed=0; failed=0
-pids=()
-
-say() { printf '[80-pods %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
-pass() { passed=$((passed + 1)); echo "PASS: $1${2:+ ($2)}"; }
-fail() { failed=$((failed + 1)); echo "FAIL: $1: $2"; }
-
-cleanup() {
-  set +e
-  [ -n "${ns:-}" ] && k delete namespace "$ns" --wait=true --timeout=60s >/dev/null 2>&1
-  local p
-  for p in "${pids[@]}" $(cat "$work"/*.pid 2>/dev/null); do kill -TERM "$p" 2>/dev/null; done
-  sleep 1
-  for p in "${pids[@]}" $(cat "$work"/*.pid 2>/dev/null); do kill -KILL "$p" 2>/dev/null; done
-  "$kubelet" stop --state "$work/node" >/dev/null 2>&1
-  "$kube" stop --state "$work/kube" >/dev/null 2>&1
-  # Loop devices of block volumes, then mounts left under the work dir (deepest first).
-  losetup -a 2>/dev/null | grep -F "$work/" | cut -d: -f1 | xargs -r -n1 losetup -d 2>/dev/null
-  awk -v p="$work/" 'index($5, p) == 1 {print $5}' /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
-  if [ -n "$(awk -v p="$work/" 'index($5, p) == 1' /proc/self/mountinfo)" ]; then
-    echo "mounts left under $work; not removing it"
-  else
-    rm -rf "$work"
-  fi
-}
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-bail() { echo "$1"; echo "$passed passed, $((failed + 1)) failed"; exit 1; }
-
-# --- control plane + node ---------------------------------------------------------------
-t=$SECONDS
-"$kube" build >"$work/build.log" 2>&1 || { tail -n 30 "$work/build.log"; bail "kube.sh build failed"; }
-say "kube binaries ready in $((SECONDS - t))s"
-"$kube" start --state "$work/kube" >"$work/kube-start.log" 2>&1 ||
-  { tail -n 20 "$work/kube-start.log"; bail "control plane did not start"; }
-# shellcheck disable=SC1091
-. "$work/kube/env"
-k() { timeout 60 "$KUBECTL" --request-timeout=20s "$@"; }
-
-# A node number whose network nobody else on this machine uses right now.
-node_n=""
-for n in 1 2 3 4 5 6 7 8 9; do
-  ip link show "stowk${n}a" >/dev/null 2>&1 || { node_n=$n; break; }
-done
-[ -n "$node_n" ] || bail "no free kubelet node number (stowk1a..stowk9a all exist)"
-t=$SECONDS
-"$kubelet" start --state "$work/node" --kube-state "$work/kube" --node "$node_n" >"$work/kubelet-start.log" 2>&1 ||
-  { tail -n 30 "$work/kubelet-start.log"; tail -n 30 "$work/node/logs/kubelet.log" 2>/dev/null; bail "kubelet node did not become Ready"; }
-# shellcheck disable=SC1091
-. "$work/node/env"
-say "node $KUBELET_NODE_NAME Ready in $((SECONDS - t))s"
-busybox=$("$images" ref busybox)
-
-ns="stowage-pods-$(tr -dc a-z0-9 </dev/urandom | head -c 6)"
-k create namespace "$ns" >/dev/null || bail "cannot create namespace $ns"
-# The ServiceAccount admission needs default/default in the namespace before pods are created.
-for _ in $(seq 1 40); do k -n "$ns" get serviceaccount default >/dev/null 2>&1 && break; sleep 0.5; done
-
-# --- helpers ------------------------------------------------------------------------------
-# until_ok SECONDS command...: retry every 0.5 s until it succeeds or time runs out.
-until_ok() {
-  local end=$((SECONDS + $1)); shift
-  until "$@" >/dev/null 2>&1; do ((SECONDS >= end)) && return 1; sleep 0.5; done
-}
-phase() { k -n "$ns" get pod "$1" -o 'jsonpath={.status.phase}' 2>/dev/null; }
-# wait_phase POD PHASE SECONDS: fails early when the pod reached Failed (or Succeeded, if that
-# is not what we wait for).
-wait_phase() {
-  local end=$((SECONDS + $3)) p
-  while :; do
-    p=$(phase "$1")
-    [ "$p" = "$2" ] && return 0
-    case "$p" in Failed|Succeeded) [ "$p" != "$2" ] && { why="pod $1 is $p: $(k -n "$ns" logs "$1" 2>&1 | tail -n 3)"; return 1; } ;; esac
-    if ((SECONDS >= end)); then
-      why="pod $1 not $2 after $3 s (phase ${p:-none}); $(k -n "$ns" get events --field-selector "involvedObject.name=$1" -o 'jsonpath={range .items[*]}{.reason}: {.message}{"\n"}{end}' 2>/dev/null | tail -n 3)"
-      return 1
-    fi
-    sleep 0.5
-  done
-}
-gone() { ! k -n "$ns" get "$1" "$2" >/dev/null 2>&1; }
-delete_pod() { # name: graceful delete, bounded wait for the object to go (volumes unmounted)
-  k -n "$ns" delete pod "$1" --wait=false >/dev/null 2>&1
-  until_ok 90 gone pod "$1" || { why="pod $1 still there 90 s after delete"; return 1; }
-}
-# (Never `cmd | grep -q` here: with pipefail, grep's early exit turns cmd's SIGPIPE into a failure.)
-logs_have() { local l; l=$(k -n "$ns" logs "$1" 2>/dev/null); grep -q -- "$2" <<<"$l"; }
-# CSI mounts (publish targets, staging globalmounts, block device maps) under kubelet's root.
-csi_mounts() { awk -v p="$KUBELET_ROOT/" 'index($5, p) == 1 && $5 ~ /kubernetes.io[~\/]csi/ {print $5}' /proc/self/mountinfo; }
-no_csi_mounts() { [ -z "$(csi_mounts)" ]; }
-# How often kubelet registered our driver (its csi plugin logs each registration).
-reg_count() { local n; n=$(grep -c "Register new plugin with name: $drv" "$KUBELET_STATE/logs/kubelet.log" 2>/dev/null); echo "${n:-0}"; }
+pods_setup
 no_loops() { local l; l=$(losetup -a 2>/dev/null); ! grep -qF "$work/local/" <<<"$l"; }
-claim() { # name size [accessMode] [volumeMode]
-  cat <<EOF | k -n "$ns" apply -f - >/dev/null
-apiVersion: v1
-kind: PersistentVolumeClaim
-metadata: {name: $1}
-spec:
-  storageClassName: $sc
-  accessModes: [${3:-ReadWriteOnce}]
-  volumeMode: ${4:-Filesystem}
-  resources: {requests: {storage: $2}}
-EOF
-}
-bound() { [ "$(k -n "$ns" get pvc "$1" -o 'jsonpath={.status.phase}')" = Bound ]; }
-# pod NAME CLAIM SCRIPT [readOnly] : a busybox pod with the claim at /data.
-pod() {
-  cat <<EOF | k -n "$ns" apply -f - >/dev/null
-apiVersion: v1
-kind: Pod
-metadata: {name: $1}
-spec:
-  restartPolicy: Never
-  terminationGracePeriodSeconds: 0
-  containers:
-  - name: c
-    image: $busybox
-    imagePullPolicy: Never
-    command: ["/bin/sh", "-c", $(printf '%s' "$3" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))')]
-    volumeMounts: [{name: d, mountPath: /data}]
-  volumes:
-  - name: d
-    persistentVolumeClaim: {claimName: $2, readOnly: ${4:-false}}
-EOF
-}
-now() { date +%s.%N; }
-secs() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
 
 # --- Stowage processes --------------------------------------------------------------------
-bin=${STOWAGE_BIN_DIR:-${CARGO_TARGET_DIR:-$STOWAGE_CACHE/target}/debug}
-mkdir -p "$work/bin"
-for b in stowage-controller stowage-node stowage-provisioner; do
-  ln "$bin/$b" "$work/bin/$b" 2>/dev/null || cp "$bin/$b" "$work/bin/$b" || bail "$bin/$b missing: build the workspace first"
-done
+pods_bins
 mkdir -p "$work/local"
 cat > "$work/local.yaml" <<EOF
 backend: local
@@ -182,7 +50,7 @@ health_port=""
 if [ "$builtin_reg" = 1 ]; then
   node_args+=(--kubelet-root "$KUBELET_ROOT" --kubelet-registration-path "$csi_sock")
   if grep -q -- '--health-address' <<<"$node_help"; then
-    health_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+    health_port=$(free_port)
     node_args+=(--health-address "127.0.0.1:$health_port")
   fi
 fi
@@ -197,13 +65,9 @@ start_stub() {
     -driver "$drv" -endpoint "$csi_sock" </dev/null >>"$work/registrar-stub.log" 2>&1 &
   echo $! > "$work/registrar-stub.pid"
 }
-sock_up() { python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(sys.argv[1])' "$1"; }
 
-setsid "$work/bin/stowage-controller" --endpoint "unix://$work/controller.sock" --config "$work/local.yaml" \
-  </dev/null >"$work/stowage-controller.log" 2>&1 &
-echo $! > "$work/stowage-controller.pid"
+start_controller local "$work/local.yaml"
 start_node
-until_ok 30 sock_up "$work/controller.sock" || { tail -n 20 "$work/stowage-controller.log"; bail "stowage-controller socket did not come up"; }
 until_ok 30 sock_up "$csi_sock" || { tail -n 20 "$work/stowage-node.log"; bail "stowage-node socket did not come up"; }
 # The stand-in registrar (and kubelet-style GetInfo probe): tests/pods/registrar-stub.
 ( cd "$root/tests/pods/registrar-stub" && GOPATH=$STOWAGE_CACHE/go GOMODCACHE=$STOWAGE_CACHE/go/pkg/mod \
@@ -234,27 +98,7 @@ if [ "$builtin_reg" = 0 ] || [ -n "$reg_broken" ]; then
   until_ok 60 kubelet_registered || bail "kubelet did not register $drv from tests/pods/registrar-stub either"
 fi
 
-# Provisioner with its own ServiceAccount (provisioner/deploy/rbac.yaml), as in 35-provisioner.
-k apply -f "$root/provisioner/deploy/rbac.yaml" >/dev/null || bail "rbac.yaml did not apply"
-token=$(k -n stowage-system create token stowage-provisioner --duration 2h) || bail "no provisioner token"
-cat > "$work/provisioner.kubeconfig" <<EOF
-apiVersion: v1
-kind: Config
-clusters:
-- name: c
-  cluster: {server: "$STOWAGE_KUBE_SERVER", certificate-authority: "$STOWAGE_KUBE_CA"}
-users:
-- name: u
-  user: {token: "$token"}
-contexts:
-- name: c
-  context: {cluster: c, user: u}
-current-context: c
-EOF
-KUBECONFIG="$work/provisioner.kubeconfig" setsid "$work/bin/stowage-provisioner" \
-  --csi-endpoint "unix://$work/controller.sock" --metrics-address 127.0.0.1:0 --leader-elect=false \
-  --pending-resync 2s --retry-max-delay 4s </dev/null >"$work/stowage-provisioner.log" 2>&1 &
-echo $! > "$work/stowage-provisioner.pid"
+start_provisioner local
 
 sc="stowage-local-${ns##*-}"
 cat <<EOF | k apply -f - >/dev/null || bail "CSIDriver/StorageClass did not apply"
@@ -276,22 +120,6 @@ volumeBindingMode: Immediate
 EOF
 
 # --- scenarios ----------------------------------------------------------------------------
-# Each returns non-zero with $why set; run() prints PASS/FAIL with the detail in $detail.
-run() {
-  local name="$1" t0=$SECONDS; shift
-  # Development aid: PODS_ONLY="s_block s_rwop" runs only those (the others print SKIP).
-  if [ -n "${PODS_ONLY:-}" ] && [[ " $PODS_ONLY " != *" $1 "* ]]; then echo "SKIP: $name (PODS_ONLY)"; return 0; fi
-  why="" detail=""
-  say "scenario $name"
-  if "$@"; then pass "$name" "${detail:+$detail, }$((SECONDS - t0))s"; return 0; fi
-  fail "$name" "${why:-failed}"
-  # Whatever a failed scenario left running must not hold volumes for the next one.
-  k -n "$ns" delete statefulsets --all --wait=false >/dev/null 2>&1
-  if [ -n "$(k -n "$ns" get pods -o name 2>/dev/null)" ]; then
-    k -n "$ns" delete pods --all --wait=false >/dev/null 2>&1
-    until_ok 90 bash -c "[ -z \"\$($KUBECTL -n $ns get pods -o name 2>/dev/null)\" ]" || say "pods still left after $name"
-  fi
-}
 
 s_emptydir() {
   local p=smoke-emptydir t0
@@ -558,6 +386,10 @@ s_volume_stats() {
   until_ok 30 logs_have stats WROTE || { why="stats pod did not write"; return 1; }
   until_ok 60 bash -c "[ -n \"\$(curl -sk --max-time 5 https://$KUBELET_NODE_IP:$KUBELET_PORT/metrics | grep '^kubelet_volume_stats_used_bytes' | grep '\"$c\"')\" ]" ||
     { why="kubelet exports no kubelet_volume_stats_used_bytes for $c within 60 s"; delete_pod stats; return 1; }
+  # kubelet samples volume stats periodically (volumeStatsAggPeriod: 10 s in kubelet.sh): its
+  # first sample may predate the write (a loaded run read 14336 bytes), so give it a few periods.
+  stats_caught_up() { used=$(metric kubelet_volume_stats_used_bytes "$c"); [ "${used:-0}" -ge 8388608 ]; }
+  until_ok 60 stats_caught_up
   used=$(metric kubelet_volume_stats_used_bytes "$c"); cap=$(metric kubelet_volume_stats_capacity_bytes "$c")
   say "volume stats for $c: used_bytes $used capacity_bytes $cap (pod wrote 8388608 of a 64Mi claim)"
   delete_pod stats || return 1
@@ -579,43 +411,8 @@ s_postgres() {
     { why="postgres image: $(tail -n 3 "$work/pg-image.log")"; return 1; }
   say "postgres image ready in containerd in $((SECONDS - t0))s"
   k -n "$ns" create configmap pg-entry --from-file=entrypoint.sh="$root/tests/pods/postgres-entrypoint.sh" >/dev/null || { why="configmap"; return 1; }
-  cat <<EOF | k -n "$ns" apply -f - >/dev/null
-apiVersion: apps/v1
-kind: StatefulSet
-metadata: {name: pg}
-spec:
-  serviceName: pg
-  replicas: 1
-  selector: {matchLabels: {app: pg}}
-  template:
-    metadata: {labels: {app: pg}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: postgres
-        image: $("$images" ref postgres)
-        imagePullPolicy: Never
-        command: ["/bin/sh", "/entry/entrypoint.sh"]
-        env: [{name: PGDATA, value: /data/pg}]
-        readinessProbe:
-          exec: {command: ["pg_isready", "-h", "/tmp", "-U", "postgres"]}
-          periodSeconds: 1
-          failureThreshold: 2
-        volumeMounts: [{name: data, mountPath: /data}, {name: entry, mountPath: /entry}]
-      volumes: [{name: entry, configMap: {name: pg-entry}}]
-  volumeClaimTemplates:
-  - metadata: {name: data}
-    spec:
-      storageClassName: $sc
-      # ReadWriteOncePod: with ReadWriteOnce a force-deleted pg-0 and its replacement ran two
-      # postmasters on one data directory for a few seconds (same node; postmaster.pid cannot
-      # see across PID namespaces) and 298 of 3044 acknowledged commits were lost (one run).
-      # With RWOP no run lost a row; stowage-node logged no RWOP NodePublish refusal, so the
-      # replacement was only published after the old pod's unpublish (the detail line counts
-      # refusals).
-      accessModes: [ReadWriteOncePod]
-      resources: {requests: {storage: 512Mi}}
-EOF
+  db_statefulset pg "$("$images" ref postgres)" pg-entry PGDATA=/data/pg '["pg_isready", "-h", "/tmp", "-U", "postgres"]' "$sc" ||
+    { why="StatefulSet pg did not apply"; return 1; }
   t0=$(now)
   until_ok 180 pg_ready || { why="pg-0 not ready in 180 s: $(k -n "$ns" logs pg-0 2>&1 | tail -n 3)"; return 1; }
   pg_ip=$(k -n "$ns" get pod pg-0 -o 'jsonpath={.status.podIP}')
