@@ -51,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("starting the {driver} backend"))?;
         let listener = Listener::bind(&endpoint)
             .await
-            .with_context(|| format!("{driver}"))?
+            .with_context(|| driver.to_string())?
             .with_driver(driver);
         tracing::info!(driver, %endpoint, "stowage-controller serving");
         servers.push((listener, stowage_controller::routes(backend)));

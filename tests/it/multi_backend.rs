@@ -109,6 +109,28 @@ fn publish_req(vol: &v1::Volume, staging: &Path, target: &Path) -> v1::NodePubli
     }
 }
 
+/// NodeUnpublish, then NodeUnstage.
+async fn take_down(
+    node: &mut v1::node_client::NodeClient<tonic::transport::Channel>,
+    vol: &v1::Volume,
+    staging: &Path,
+    target: &Path,
+) {
+    node.node_unpublish_volume(v1::NodeUnpublishVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        target_path: target.to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
+    node.node_unstage_volume(v1::NodeUnstageVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
+    assert!(!target.exists(), "{} left behind", target.display());
+}
+
 fn kernel_has_nfs() -> bool {
     std::fs::read_to_string("/proc/filesystems")
         .map(|f| {
@@ -249,20 +271,7 @@ async fn one_controller_and_one_node_serve_local_and_nfs() {
                 std::fs::read(nfs_dir.join("from-pod")).unwrap(),
                 b"pod bytes"
             );
-            nfs_node
-                .node_unpublish_volume(v1::NodeUnpublishVolumeRequest {
-                    volume_id: nv.volume_id.clone(),
-                    target_path: target.to_string_lossy().into(),
-                })
-                .await
-                .unwrap();
-            nfs_node
-                .node_unstage_volume(v1::NodeUnstageVolumeRequest {
-                    volume_id: nv.volume_id.clone(),
-                    staging_target_path: staging.to_string_lossy().into(),
-                })
-                .await
-                .unwrap();
+            take_down(&mut nfs_node, &nv, &staging, &target).await;
         }
         Err(st) => {
             assert!(
@@ -276,20 +285,7 @@ async fn one_controller_and_one_node_serve_local_and_nfs() {
         }
     }
 
-    local_node
-        .node_unpublish_volume(v1::NodeUnpublishVolumeRequest {
-            volume_id: lv.volume_id.clone(),
-            target_path: local_target.to_string_lossy().into(),
-        })
-        .await
-        .unwrap();
-    local_node
-        .node_unstage_volume(v1::NodeUnstageVolumeRequest {
-            volume_id: lv.volume_id.clone(),
-            staging_target_path: local_staging.to_string_lossy().into(),
-        })
-        .await
-        .unwrap();
+    take_down(&mut local_node, &lv, &local_staging, &local_target).await;
     for (c, v) in [(&mut local, &lv), (&mut nfsc, &nv)] {
         c.controller
             .delete_volume(v1::DeleteVolumeRequest {
