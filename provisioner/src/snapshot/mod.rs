@@ -131,6 +131,28 @@ fn snapshot_ref_of(c: &VolumeSnapshotContent) -> ObjectReference {
     r
 }
 
+/// Writes `obj` back (its status with `status`), keeping the answer so the next write carries
+/// its resourceVersion. An object gone meanwhile is fine for a spec write (a finalizer was the
+/// last thing holding it), an error for a status write.
+async fn put<K>(api: &Api<K>, obj: &mut K, status: bool, what: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+{
+    let name = o::name(obj.meta()).to_owned();
+    let pp = PostParams::default();
+    let r = if status {
+        api.replace_status(&name, &pp, obj).await
+    } else {
+        api.replace(&name, &pp, obj).await
+    };
+    match r {
+        Ok(new) => *obj = new,
+        Err(e) if !status && is_not_found(&e) => {}
+        Err(e) => return Err(Error::api(format!("{what} of {name}"))(e)),
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------- the common controller
 
 /// What a snapshot sync needs to read besides the snapshot: its content, and for a dynamic
@@ -219,27 +241,11 @@ impl SnapshotRun<'_> {
     }
 
     async fn replace(&mut self, what: &str) -> Result<(), Error> {
-        let name = self.name();
-        match self
-            .api
-            .replace(&name, &PostParams::default(), &self.s)
-            .await
-        {
-            Ok(s) => self.s = s,
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(Error::api(format!("{what} of snapshot {name}"))(e)),
-        }
-        Ok(())
+        put(&self.api, &mut self.s, false, what).await
     }
 
     async fn write_status(&mut self, what: &str) -> Result<(), Error> {
-        let name = self.name();
-        self.s = self
-            .api
-            .replace_status(&name, &PostParams::default(), &self.s)
-            .await
-            .map_err(Error::api(format!("{what} of snapshot {name}")))?;
-        Ok(())
+        put(&self.api, &mut self.s, true, what).await
     }
 
     async fn failed(&mut self, message: String) -> Error {
@@ -457,27 +463,11 @@ impl ContentRun<'_> {
     }
 
     async fn replace(&mut self, what: &str) -> Result<(), Error> {
-        let name = self.name();
-        match self
-            .api
-            .replace(&name, &PostParams::default(), &self.c)
-            .await
-        {
-            Ok(c) => self.c = c,
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(Error::api(format!("{what} of content {name}"))(e)),
-        }
-        Ok(())
+        put(&self.api, &mut self.c, false, what).await
     }
 
     async fn write_status(&mut self, what: &str) -> Result<(), Error> {
-        let name = self.name();
-        self.c = self
-            .api
-            .replace_status(&name, &PostParams::default(), &self.c)
-            .await
-            .map_err(Error::api(format!("{what} of content {name}")))?;
-        Ok(())
+        put(&self.api, &mut self.c, true, what).await
     }
 
     /// Records a failure on the content (the common controller copies it to the snapshot)
