@@ -193,19 +193,19 @@ async fn snapshot_world(
             .map_err(Error::api(format!("reading content {content_name}")))?,
     };
     let (mut claim, mut volume) = (None, None);
-    if content.is_none() {
-        if let Some(cn) = s.spec.source.persistent_volume_claim_name.as_deref() {
-            claim = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), ns)
-                .get_opt(cn)
+    if content.is_none()
+        && let Some(cn) = s.spec.source.persistent_volume_claim_name.as_deref()
+    {
+        claim = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), ns)
+            .get_opt(cn)
+            .await
+            .map_err(Error::api(format!("reading claim {ns}/{cn}")))?;
+        let vn = claim.as_ref().map(o::claim_volume_name).unwrap_or("");
+        if !vn.is_empty() {
+            volume = Api::<PersistentVolume>::all(ctx.client.clone())
+                .get_opt(vn)
                 .await
-                .map_err(Error::api(format!("reading claim {ns}/{cn}")))?;
-            let vn = claim.as_ref().map(o::claim_volume_name).unwrap_or("");
-            if !vn.is_empty() {
-                volume = Api::<PersistentVolume>::all(ctx.client.clone())
-                    .get_opt(vn)
-                    .await
-                    .map_err(Error::api(format!("reading volume {vn}")))?;
-            }
+                .map_err(Error::api(format!("reading volume {vn}")))?;
         }
     }
     Ok((claim, volume, content))
@@ -374,15 +374,15 @@ impl SnapshotRun<'_> {
             SnapshotStep::DeleteContent(name) => {
                 let api = Api::<VolumeSnapshotContent>::all(ctx.client.clone());
                 // Upstream's marker first, so a sidecar knows the deletion was asked for.
-                if let Some(c) = ctx.contents.get(&ObjectRef::new(&name)) {
-                    if !o::has_annotation(&c.metadata, plan::ANN_BEING_DELETED) {
-                        let mut c = (*c).clone();
-                        o::set_annotation(&mut c.metadata, plan::ANN_BEING_DELETED, "yes");
-                        match api.replace(&name, &PostParams::default(), &c).await {
-                            Ok(_) => {}
-                            Err(e) if is_not_found(&e) => {}
-                            Err(e) => return Err(Error::api(format!("marking content {name}"))(e)),
-                        }
+                if let Some(c) = ctx.contents.get(&ObjectRef::new(&name))
+                    && !o::has_annotation(&c.metadata, plan::ANN_BEING_DELETED)
+                {
+                    let mut c = (*c).clone();
+                    o::set_annotation(&mut c.metadata, plan::ANN_BEING_DELETED, "yes");
+                    match api.replace(&name, &PostParams::default(), &c).await {
+                        Ok(_) => {}
+                        Err(e) if is_not_found(&e) => {}
+                        Err(e) => return Err(Error::api(format!("marking content {name}"))(e)),
                     }
                 }
                 match api.delete(&name, &Default::default()).await {
