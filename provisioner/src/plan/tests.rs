@@ -554,6 +554,7 @@ fn pv_records_the_volume() {
 }
 
 #[test]
+#[allow(clippy::type_complexity)] // a table's row type
 fn snapshot_sources() {
     use k8s_openapi::api::core::v1::TypedObjectReference;
     use v1::volume_content_source::{SnapshotSource, Type};

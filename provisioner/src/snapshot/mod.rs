@@ -131,6 +131,28 @@ fn snapshot_ref_of(c: &VolumeSnapshotContent) -> ObjectReference {
     r
 }
 
+/// Writes `obj` back (its status with `status`), keeping the answer so the next write carries
+/// its resourceVersion. An object gone meanwhile is fine for a spec write (a finalizer was the
+/// last thing holding it), an error for a status write.
+async fn put<K>(api: &Api<K>, obj: &mut K, status: bool, what: &str) -> Result<(), Error>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::Serialize + serde::de::DeserializeOwned,
+{
+    let name = o::name(obj.meta()).to_owned();
+    let pp = PostParams::default();
+    let r = if status {
+        api.replace_status(&name, &pp, obj).await
+    } else {
+        api.replace(&name, &pp, obj).await
+    };
+    match r {
+        Ok(new) => *obj = new,
+        Err(e) if !status && is_not_found(&e) => {}
+        Err(e) => return Err(Error::api(format!("{what} of {name}"))(e)),
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------- the common controller
 
 /// What a snapshot sync needs to read besides the snapshot: its content, and for a dynamic
@@ -171,19 +193,19 @@ async fn snapshot_world(
             .map_err(Error::api(format!("reading content {content_name}")))?,
     };
     let (mut claim, mut volume) = (None, None);
-    if content.is_none() {
-        if let Some(cn) = s.spec.source.persistent_volume_claim_name.as_deref() {
-            claim = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), ns)
-                .get_opt(cn)
+    if content.is_none()
+        && let Some(cn) = s.spec.source.persistent_volume_claim_name.as_deref()
+    {
+        claim = Api::<PersistentVolumeClaim>::namespaced(ctx.client.clone(), ns)
+            .get_opt(cn)
+            .await
+            .map_err(Error::api(format!("reading claim {ns}/{cn}")))?;
+        let vn = claim.as_ref().map(o::claim_volume_name).unwrap_or("");
+        if !vn.is_empty() {
+            volume = Api::<PersistentVolume>::all(ctx.client.clone())
+                .get_opt(vn)
                 .await
-                .map_err(Error::api(format!("reading claim {ns}/{cn}")))?;
-            let vn = claim.as_ref().map(o::claim_volume_name).unwrap_or("");
-            if !vn.is_empty() {
-                volume = Api::<PersistentVolume>::all(ctx.client.clone())
-                    .get_opt(vn)
-                    .await
-                    .map_err(Error::api(format!("reading volume {vn}")))?;
-            }
+                .map_err(Error::api(format!("reading volume {vn}")))?;
         }
     }
     Ok((claim, volume, content))
@@ -219,27 +241,11 @@ impl SnapshotRun<'_> {
     }
 
     async fn replace(&mut self, what: &str) -> Result<(), Error> {
-        let name = self.name();
-        match self
-            .api
-            .replace(&name, &PostParams::default(), &self.s)
-            .await
-        {
-            Ok(s) => self.s = s,
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(Error::api(format!("{what} of snapshot {name}"))(e)),
-        }
-        Ok(())
+        put(&self.api, &mut self.s, false, what).await
     }
 
     async fn write_status(&mut self, what: &str) -> Result<(), Error> {
-        let name = self.name();
-        self.s = self
-            .api
-            .replace_status(&name, &PostParams::default(), &self.s)
-            .await
-            .map_err(Error::api(format!("{what} of snapshot {name}")))?;
-        Ok(())
+        put(&self.api, &mut self.s, true, what).await
     }
 
     async fn failed(&mut self, message: String) -> Error {
@@ -368,15 +374,15 @@ impl SnapshotRun<'_> {
             SnapshotStep::DeleteContent(name) => {
                 let api = Api::<VolumeSnapshotContent>::all(ctx.client.clone());
                 // Upstream's marker first, so a sidecar knows the deletion was asked for.
-                if let Some(c) = ctx.contents.get(&ObjectRef::new(&name)) {
-                    if !o::has_annotation(&c.metadata, plan::ANN_BEING_DELETED) {
-                        let mut c = (*c).clone();
-                        o::set_annotation(&mut c.metadata, plan::ANN_BEING_DELETED, "yes");
-                        match api.replace(&name, &PostParams::default(), &c).await {
-                            Ok(_) => {}
-                            Err(e) if is_not_found(&e) => {}
-                            Err(e) => return Err(Error::api(format!("marking content {name}"))(e)),
-                        }
+                if let Some(c) = ctx.contents.get(&ObjectRef::new(&name))
+                    && !o::has_annotation(&c.metadata, plan::ANN_BEING_DELETED)
+                {
+                    let mut c = (*c).clone();
+                    o::set_annotation(&mut c.metadata, plan::ANN_BEING_DELETED, "yes");
+                    match api.replace(&name, &PostParams::default(), &c).await {
+                        Ok(_) => {}
+                        Err(e) if is_not_found(&e) => {}
+                        Err(e) => return Err(Error::api(format!("marking content {name}"))(e)),
                     }
                 }
                 match api.delete(&name, &Default::default()).await {
@@ -457,27 +463,11 @@ impl ContentRun<'_> {
     }
 
     async fn replace(&mut self, what: &str) -> Result<(), Error> {
-        let name = self.name();
-        match self
-            .api
-            .replace(&name, &PostParams::default(), &self.c)
-            .await
-        {
-            Ok(c) => self.c = c,
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(Error::api(format!("{what} of content {name}"))(e)),
-        }
-        Ok(())
+        put(&self.api, &mut self.c, false, what).await
     }
 
     async fn write_status(&mut self, what: &str) -> Result<(), Error> {
-        let name = self.name();
-        self.c = self
-            .api
-            .replace_status(&name, &PostParams::default(), &self.c)
-            .await
-            .map_err(Error::api(format!("{what} of content {name}")))?;
-        Ok(())
+        put(&self.api, &mut self.c, true, what).await
     }
 
     /// Records a failure on the content (the common controller copies it to the snapshot)

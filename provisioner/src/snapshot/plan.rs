@@ -377,17 +377,18 @@ pub fn next_snapshot(i: &SnapshotInput<'_>) -> SnapshotStep {
         .filter(|c| c.spec.volume_snapshot_ref.uid.as_deref() == Some(uid));
 
     if deleting(&s.metadata) {
-        if let Some(claim) = &i.restoring {
-            if o::has_finalizer(&s.metadata, FIN_SOURCE) {
-                return SnapshotStep::Wait(format!(
-                    "claim {claim} is being restored from this snapshot"
-                ));
-            }
+        if let Some(claim) = &i.restoring
+            && o::has_finalizer(&s.metadata, FIN_SOURCE)
+        {
+            return SnapshotStep::Wait(format!(
+                "claim {claim} is being restored from this snapshot"
+            ));
         }
-        if let Some(c) = bound_content {
-            if c.spec.deletion_policy == DeletionPolicy::Delete && !deleting(&c.metadata) {
-                return SnapshotStep::DeleteContent(o::name(&c.metadata).to_owned());
-            }
+        if let Some(c) = bound_content
+            && c.spec.deletion_policy == DeletionPolicy::Delete
+            && !deleting(&c.metadata)
+        {
+            return SnapshotStep::DeleteContent(o::name(&c.metadata).to_owned());
         }
         if o::has_finalizer(&s.metadata, FIN_SOURCE) || o::has_finalizer(&s.metadata, FIN_BOUND) {
             return SnapshotStep::RemoveFinalizers;
@@ -558,13 +559,13 @@ pub fn next_content(i: &ContentInput<'_>) -> ContentStep {
         if i.snapshot_live {
             return ContentStep::Wait;
         }
-        if c.spec.deletion_policy == DeletionPolicy::Delete {
-            if let Some(id) = handle_of(c) {
-                return ContentStep::Delete {
-                    snapshot_id: id,
-                    secret: content_secret(c),
-                };
-            }
+        if c.spec.deletion_policy == DeletionPolicy::Delete
+            && let Some(id) = handle_of(c)
+        {
+            return ContentStep::Delete {
+                snapshot_id: id,
+                secret: content_secret(c),
+            };
         }
         return ContentStep::RemoveFinalizer;
     }

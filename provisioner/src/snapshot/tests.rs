@@ -156,6 +156,7 @@ fn dynamic_snapshot_gets_finalizer_then_content() {
 }
 
 #[test]
+#[allow(clippy::type_complexity)] // a table's row type
 fn class_choice_and_errors() {
     let c = claim();
     let v = volume(D);

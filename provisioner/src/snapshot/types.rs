@@ -4,6 +4,10 @@
 //! CRDs generated from them ([`crds`]) accept what upstream's accept. The CEL rules are
 //! upstream's own (immutable sources, exactly one source, both parts of the snapshot reference).
 
+// `printcolumn(name = .., type_ = ..)` repeated is kube's syntax for several columns, which
+// clippy takes for a duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ObjectReference;
