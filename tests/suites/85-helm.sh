@@ -141,7 +141,7 @@ fi
 t=$SECONDS
 # STOWAGE_IMAGE_BIN_DIR (development aid, or a CI short of time): put those binaries in the
 # image instead of a release build; the size check is then not run (and not counted).
-"$root/images/build.sh" ${STOWAGE_IMAGE_BIN_DIR:+--bin-dir "$STOWAGE_IMAGE_BIN_DIR"} >"$work/image.out" 2>"$work/image.log" || { tail -n 20 "$work/image.log"; bail "images/build.sh failed"; }
+CARGO_TARGET_DIR="$STOWAGE_CACHE/target-release" "$root/images/build.sh" ${STOWAGE_IMAGE_BIN_DIR:+--bin-dir "$STOWAGE_IMAGE_BIN_DIR"} >"$work/image.out" 2>"$work/image.log" || { tail -n 20 "$work/image.log"; bail "images/build.sh failed"; }
 tarball=$(sed -n 's/^tarball: //p' "$work/image.out"); image=$(sed -n 's/^image: //p' "$work/image.out")
 size=$(sed -n 's/^uncompressed size: //p' "$work/image.out")
 say "image $image ready in $((SECONDS - t))s: $size"
