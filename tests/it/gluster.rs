@@ -81,11 +81,14 @@ async fn quota_is_enforced_and_expands_online() {
     assert_eq!(s.usage[0].total, 8 * MIB, "{s:?}");
     assert!(!s.volume_condition.unwrap().abnormal);
 
-    // Past the limit: EDQUOT (gluster lets ~1 MiB overshoot through before refusing).
-    let err = write_zeros(&target.join("big"), 16 << 20).unwrap_err();
+    // Past the limit: EDQUOT. Gluster's quota accounting trails the writes the FUSE client has
+    // already acknowledged (write-behind, marker updates), so some overshoot gets through before
+    // the refusal: ~1 MiB on an idle machine, 4.8 MiB seen under CI load. The point is that a
+    // write of 4x the limit is cut off, so the bound is twice the limit, not a timing guess.
+    let err = write_zeros(&target.join("big"), 32 << 20).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EDQUOT), "{err}");
     let used = std::fs::metadata(target.join("big")).unwrap().len();
-    assert!(used < 12 << 20, "{used} bytes went into an 8 MiB volume");
+    assert!(used < 16 << 20, "{used} bytes went into an 8 MiB volume");
     std::fs::remove_file(target.join("big")).unwrap();
 
     // Expand online (no unmount): the same write now fits and df shows the new size.
