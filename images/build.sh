@@ -6,9 +6,13 @@
 # manifest (manifest.json, for `docker load`), both naming stowage:<workspace version>.
 #
 # Usage: images/build.sh [--bin-dir DIR] [--out FILE] [--print-path]
+#        images/build.sh --rootfs-only
 #   --bin-dir DIR  take stowage-controller, stowage-node, stowage-provisioner and stowage-docker
 #                  from DIR instead of building them (release builds are what ships)
 #   --out FILE     also copy the tarball there
+#   --rootfs-only  build (or reuse) only the package root filesystem and print its directory:
+#                  the Docker plugin packages (docker-plugin/packaging/build.sh --rootfs) start
+#                  from it, so the plugins carry the same mount tools as the image
 # Prints the image reference, the tarball path and the uncompressed size.
 #
 # Caches (keyed by their inputs, under $STOWAGE_CACHE/images, default ~/.cache/stowage/images):
@@ -30,9 +34,10 @@ log() { printf '[images/build.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 die() { printf '[images/build.sh] ERROR: %s\n' "$*" >&2; exit 1; }
 need() { command -v "$1" >/dev/null || die "$1 not found (apt-get install $2; tests/infra/deps.sh installs it)"; }
 
-bin_dir="" out=""
+bin_dir="" out="" rootfs_only=0
 while (($#)); do
   case "$1" in
+    --rootfs-only) rootfs_only=1; shift ;;
     --bin-dir) bin_dir="${2:?--bin-dir needs a directory}"; shift 2 ;;
     --out) out="${2:?--out needs a file}"; shift 2 ;;
     -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
@@ -50,7 +55,9 @@ mapfile -t purge < <("$HERE/packages.sh" purge)
 ((${#install[@]})) || die "no packages in $HERE/packages.txt"
 
 # --- binaries ---------------------------------------------------------------------------------
-if [[ -z "$bin_dir" ]]; then
+if ((rootfs_only)); then
+  :
+elif [[ -z "$bin_dir" ]]; then
   need cargo "(rustup)"
   export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CACHE_ROOT/target-release}"
   export CARGO_PROFILE_RELEASE_STRIP=true CARGO_PROFILE_RELEASE_DEBUG=false CARGO_INCREMENTAL=0
@@ -62,7 +69,7 @@ if [[ -z "$bin_dir" ]]; then
   log "release build done in $((SECONDS - t0))s"
   bin_dir="$CARGO_TARGET_DIR/release"
 fi
-for b in "${BINS[@]}"; do [[ -x "$bin_dir/$b" ]] || die "$bin_dir/$b missing"; done
+((rootfs_only)) || for b in "${BINS[@]}"; do [[ -x "$bin_dir/$b" ]] || die "$bin_dir/$b missing"; done
 
 mkdir -p "$IMG_DIR/debs"
 exec 8>"$IMG_DIR/.stowage-image.lock"
@@ -72,7 +79,7 @@ flock -w 1800 8 || die "timed out waiting for $IMG_DIR/.stowage-image.lock"
 ROOTFS_RECIPE=1
 rootfs_key="$( (cat "$HERE/packages.txt" "$HERE/packages.sh"; echo "$SUITE $ROOTFS_RECIPE") | sha256sum | cut -c1-16)"
 rootfs="$IMG_DIR/stowage-rootfs-$rootfs_key"
-image_key="$rootfs_key $version $(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16) $(cd "$bin_dir" && sha256sum "${BINS[@]}" | sha256sum | cut -c1-16)"
+((rootfs_only)) || image_key="$rootfs_key $version $(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16) $(cd "$bin_dir" && sha256sum "${BINS[@]}" | sha256sum | cut -c1-16)"
 tarball="$IMG_DIR/stowage-$version.tar"
 
 size_of() { # uncompressed size of the image: the sum of its layers' diff sizes
@@ -102,7 +109,7 @@ report() {
     "$ref" "$tarball" "$bytes" "$((bytes / 1000000))"
 }
 
-if [[ -f "$tarball" && "$(cat "$tarball.stamp" 2>/dev/null)" == "$image_key" ]]; then
+if ((!rootfs_only)) && [[ -f "$tarball" && "$(cat "$tarball.stamp" 2>/dev/null)" == "$image_key" ]]; then
   log "cached: $tarball"
   report; exit 0
 fi
@@ -141,6 +148,10 @@ build_rootfs() {
   log "root filesystem built in $((SECONDS - t0))s: $rootfs"
 }
 [[ -d "$rootfs/usr" ]] || build_rootfs
+if ((rootfs_only)); then
+  echo "$rootfs"
+  exit 0
+fi
 
 # --- the image: layer 1 the packages, layer 2 the binaries ---------------------------------------
 need umoci umoci

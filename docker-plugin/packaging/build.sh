@@ -3,6 +3,7 @@
 # this machine's binaries, ready for `docker plugin create`:
 #
 #   docker-plugin/packaging/build.sh --out DIR [--kind volume|csi] [--binary PATH] [--with PROGRAM]...
+#                                    [--rootfs DIR]
 #   docker plugin create stowage DIR
 #
 # --kind volume (default): the volume plugin (managed/config.json), for `docker volume create`,
@@ -14,6 +15,11 @@
 # mount helpers in the plugin too: add each with --with (e.g. --with mount.nfs,
 # --with s3fs, --with rbd-fuse); ELF programs only, with their libraries.
 #
+# --rootfs DIR starts rootfs/ from a copy of DIR instead of an empty tree: use the Stowage
+# image's package root filesystem (`images/build.sh --rootfs-only` prints it), which holds every
+# backend's mount helpers and the Ceph and GlusterFS client libraries, so the plugin serves all
+# five backends like the image does.
+#
 # --binary defaults to $CARGO_TARGET_DIR/release/stowage-docker (cargo build --release
 # -p stowage-docker). The copy in rootfs/ is stripped of debug info.
 set -euo pipefail
@@ -22,8 +28,9 @@ out=""
 kind=volume
 binary=${CARGO_TARGET_DIR:-$HOME/.cache/stowage/target}/release/stowage-docker
 with=()
+base=""
 usage() {
-  echo "usage: $0 --out DIR [--kind volume|csi] [--binary PATH] [--with PROGRAM]..." >&2
+  echo "usage: $0 --out DIR [--kind volume|csi] [--binary PATH] [--with PROGRAM]... [--rootfs DIR]" >&2
   exit 2
 }
 while [ $# -gt 0 ]; do
@@ -32,6 +39,7 @@ while [ $# -gt 0 ]; do
   --kind) [ $# -ge 2 ] || usage; kind=$2; shift 2 ;;
   --binary) [ $# -ge 2 ] || usage; binary=$2; shift 2 ;;
   --with) [ $# -ge 2 ] || usage; with+=("$2"); shift 2 ;;
+  --rootfs) [ $# -ge 2 ] || usage; base=$2; shift 2 ;;
   *) usage ;;
   esac
 done
@@ -45,6 +53,11 @@ esac
 
 root=$out/rootfs
 rm -rf "$root"
+mkdir -p "$root"
+if [ -n "$base" ]; then
+  [ -d "$base/usr" ] || { echo "--rootfs $base: not a root filesystem (no usr/)" >&2; exit 1; }
+  cp -a "$base/." "$root/"
+fi
 mkdir -p "$root"/{etc/stowage,var/lib/stowage/docker,var/lib/stowage/local,mnt/stowage,data/published,data/staged,run/docker/plugins,proc,sys,dev,tmp,bin}
 cp "$config" "$out/config.json"
 
@@ -79,7 +92,8 @@ for p in "${with[@]}"; do
   path=$(command -v "$p") || { echo "--with $p: not found" >&2; exit 1; }
   put_prog "$path"
 done
-if [ -x /bin/busybox ]; then
+# A base root filesystem has its own shell.
+if [ -z "$base" ] && [ -x /bin/busybox ]; then
   cp /bin/busybox "$root/bin/busybox"
   ln -sf busybox "$root/bin/sh"
 fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# A private Docker engine for Stowage's Docker plugin tests: dockerd (Debian docker.io 20.10)
-# with the containerd it manages, everything under the state dir, nothing shared with another
-# engine on the machine.
+# A private Docker engine for Stowage's Docker plugin tests: dockerd (Debian docker.io 20.10,
+# or a current engine built by tests/infra/moby.sh) with the containerd it manages, everything
+# under the state dir, nothing shared with another engine on the machine.
 #
 #   docker.sh start       [--state DIR]  start (or confirm running); prints the env file
 #   docker.sh stop        [--state DIR]  leave the swarm, remove containers, stop the daemon;
@@ -32,7 +32,11 @@
 # Packages (tests/infra/deps.sh installs them; this script installs nothing):
 #   apt-get install docker.io containerd runc iptables busybox-static
 #
-# Env knobs: DOCKER_READY_TIMEOUT (s, default 60).
+# Env knobs: DOCKER_READY_TIMEOUT (s, default 60); DOCKER_ENGINE_DIR: a directory holding
+# `dockerd` and `docker` to run instead of Debian's (tests/infra/moby.sh prints one: Docker
+# 28.5.2, the engine with Swarm cluster volumes). Both start with the same isolation flags;
+# the newer engine also gets --ip6tables=false --ip-forward=false so it leaves the host's
+# sysctls and ip6tables alone.
 set -euo pipefail
 
 STATE=/tmp/stowage-docker
@@ -69,6 +73,13 @@ ENVF=$STATE/env
 LOGF=$STATE/dockerd.log
 CLI=/usr/bin/docker
 [ -x "$CLI" ] || CLI=$(command -v docker || echo /usr/bin/docker)
+DOCKERD=dockerd
+EXTRA_FLAGS=()
+if [ -n "${DOCKER_ENGINE_DIR:-}" ]; then
+  CLI=$DOCKER_ENGINE_DIR/docker
+  DOCKERD=$DOCKER_ENGINE_DIR/dockerd
+  EXTRA_FLAGS=(--ip6tables=false --ip-forward=false)
+fi
 
 log() { echo "docker.sh: $*" >&2; }
 die() {
@@ -91,7 +102,7 @@ answering() { [ -S "$SOCK" ] && DOCKER_HOST=unix://$SOCK timeout 10 "$CLI" versi
 
 check_binaries() {
   local missing=()
-  for b in dockerd containerd runc containerd-shim-runc-v2 ip ss setsid timeout; do
+  for b in "$DOCKERD" containerd runc containerd-shim-runc-v2 ip ss setsid timeout; do
     command -v "$b" >/dev/null 2>&1 || missing+=("$b")
   done
   [ -x "$CLI" ] || missing+=(docker)
@@ -148,13 +159,13 @@ start() {
   t0=$(date +%s%N)
   # A half-started daemon is stopped again, never left behind.
   trap 'log "start failed; stopping what was started"; stop_daemon >/dev/null 2>&1 || true' ERR
-  setsid dockerd \
+  setsid "$DOCKERD" \
     --config-file "$STATE/daemon.json" \
     --data-root "$STATE/data" \
     --exec-root "$STATE/exec" \
     --pidfile "$PIDF" \
     --host "unix://$SOCK" \
-    --iptables=false --ip-masq=false --bridge=none --userland-proxy=false \
+    --iptables=false --ip-masq=false --bridge=none --userland-proxy=false ${EXTRA_FLAGS[@]+"${EXTRA_FLAGS[@]}"} \
     >>"$LOGF" 2>&1 </dev/null &
   # Known before dockerd writes its pid file, so a failed start can still stop it.
   echo $! >"$STATE/dockerd.spawned"
