@@ -1,0 +1,167 @@
+//! `stowage`: the admin CLI of Stowage's drivers.
+//!
+//! ```sh
+//! stowage status [-n NS] [-o wide|json|yaml]     # Stowage PVs and claims; stuck ones explained
+//! stowage doctor [--node] [--backend NAME]       # node, backend and cluster checks
+//! stowage import --csi-endpoint ... [--all | VOLUME_ID...]
+//! stowage completions bash|zsh|fish ; stowage man
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use stowage_cli::output::Format;
+use stowage_cli::status::{self, StatusOptions};
+use stowage_csi::endpoint::Endpoint;
+use stowage_provisioner::driver::Driver;
+use stowage_provisioner::import::{self, ImportOptions};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "stowage",
+    version = stowage_cli::version::VERSION,
+    about = "Stowage admin CLI: status of Stowage volumes and claims, doctor checks, imports"
+)]
+struct Cli {
+    /// Kubeconfig to use (default: $KUBECONFIG, ~/.kube/config, then the in-cluster account).
+    #[arg(long, global = true, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// PVs and claims of Stowage drivers: phase, backend, class, capacity, attach state, age;
+    /// stuck items picked out with the reason and a next step.
+    Status(StatusArgs),
+    /// List a driver's volumes that have no PV and create PVs for the chosen ones (static
+    /// provisioning).
+    Import(ImportArgs),
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Only claims of this namespace (PVs are cluster-wide and always shown).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// Output format.
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    output: Format,
+    /// A claim Pending for longer than this many seconds is reported as stuck.
+    #[arg(long, default_value_t = 60)]
+    pending_after: i64,
+}
+
+#[derive(Args, Debug)]
+struct ImportArgs {
+    /// The stowage-controller socket of the driver (unix:///path or tcp://host:port).
+    #[arg(
+        long,
+        env = "CSI_ENDPOINT",
+        default_value = "unix:///var/lib/stowage/controller.sock"
+    )]
+    csi_endpoint: String,
+    /// Timeout of each CSI call, in seconds.
+    #[arg(long, default_value_t = 30)]
+    timeout: u64,
+    /// Import every volume that has no PV.
+    #[arg(long, conflicts_with = "volumes")]
+    all: bool,
+    /// Volume IDs to import (as the driver lists them); none and no --all: only list.
+    volumes: Vec<String>,
+    /// storageClassName of the new PVs ("" = no class: claims must ask for "").
+    #[arg(long, default_value = "")]
+    storage_class: String,
+    /// Access modes of the new PVs (checked with the driver through ValidateVolumeCapabilities).
+    #[arg(long = "access-mode", default_value = "ReadWriteOnce")]
+    access_modes: Vec<String>,
+    /// Filesystem or Block.
+    #[arg(long, default_value = "Filesystem")]
+    volume_mode: String,
+    /// Retain (default: deleting the PV keeps the data), Delete or Recycle.
+    #[arg(long, default_value = "Retain")]
+    reclaim_policy: String,
+    /// Show what would be created without creating anything.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let kubeconfig = cli.kubeconfig.as_deref();
+    match cli.cmd {
+        Cmd::Status(a) => {
+            let client = stowage_cli::kube::client(kubeconfig).await?;
+            let report = status::gather(
+                &client,
+                &StatusOptions {
+                    namespace: a.namespace,
+                    pending_after_secs: a.pending_after,
+                },
+            )
+            .await?;
+            status::print(&mut std::io::stdout().lock(), a.output, &report)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Import(a) => {
+            let endpoint = Endpoint::parse(&a.csi_endpoint)
+                .with_context(|| format!("--csi-endpoint {:?}", a.csi_endpoint))?;
+            let client = stowage_cli::kube::client(kubeconfig).await?;
+            let driver = Driver::connect(
+                &endpoint,
+                Duration::from_secs(a.timeout),
+                Duration::from_secs(10),
+            )
+            .await
+            .with_context(|| format!("connecting to the CSI driver at {endpoint}"))?;
+            let opts = ImportOptions {
+                all: a.all,
+                volumes: a.volumes,
+                storage_class: a.storage_class,
+                access_modes: a.access_modes,
+                volume_mode: a.volume_mode,
+                reclaim_policy: a.reclaim_policy,
+                dry_run: a.dry_run,
+            };
+            import::run(&client, &driver, &opts, &mut std::io::stdout()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("stowage: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn status_flags() {
+        let c = Cli::try_parse_from(["stowage", "status", "-o", "json", "-n", "app"]).unwrap();
+        let Cmd::Status(a) = c.cmd else {
+            panic!("not status")
+        };
+        assert_eq!(a.output, Format::Json);
+        assert_eq!(a.namespace.as_deref(), Some("app"));
+        assert!(Cli::try_parse_from(["stowage", "status", "-o", "xml"]).is_err());
+    }
+}
