@@ -2,6 +2,7 @@
 //! are doing and which are stuck, [`explain`] decides, [`status`] lists), `doctor` (node,
 //! backend and cluster checks) and `import` (static PVs for existing backend volumes).
 
+pub mod doctor;
 pub mod explain;
 pub mod kube;
 pub mod output;

@@ -38,6 +38,9 @@ enum Cmd {
     /// PVs and claims of Stowage drivers: phase, backend, class, capacity, attach state, age;
     /// stuck items picked out with the reason and a next step.
     Status(StatusArgs),
+    /// Check this node, the configured backends and the cluster; OK/WARN/FAIL lines with a
+    /// fix hint, exit code 1 on any FAIL.
+    Doctor(DoctorArgs),
     /// List a driver's volumes that have no PV and create PVs for the chosen ones (static
     /// provisioning).
     Import(ImportArgs),
@@ -54,6 +57,40 @@ struct StatusArgs {
     /// A claim Pending for longer than this many seconds is reported as stuck.
     #[arg(long, default_value_t = 60)]
     pending_after: i64,
+}
+
+#[derive(Args, Debug)]
+struct DoctorArgs {
+    /// Also check this machine as a node: /dev/fuse, mount helpers, kubelet directory
+    /// propagation, registration sockets, the CSINode entry.
+    #[arg(long)]
+    node: bool,
+    /// Only this backend kind (nfs) or instance (nfs/main) of the configuration.
+    #[arg(long)]
+    backend: Option<String>,
+    /// The Stowage configuration (as given to stowage-controller and stowage-node); without
+    /// it the drivers come from the cluster's CSIDriver objects and backends are not probed.
+    #[arg(long, env = "STOWAGE_CONFIG")]
+    config: Option<PathBuf>,
+    /// A YAML map with the keys of a CSI secret (S3 accessKeyID/secretAccessKey) for the
+    /// backend probes that need credentials.
+    #[arg(long)]
+    secrets_file: Option<PathBuf>,
+    /// The kubelet's root directory on this node.
+    #[arg(long, env = "KUBELET_ROOT", default_value = "/var/lib/kubelet")]
+    kubelet_root: PathBuf,
+    /// This node's name (default: the host name).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// The provisioner's ServiceAccount (namespace/name) whose RBAC is checked.
+    #[arg(long, default_value = "stowage-system/stowage-provisioner")]
+    service_account: String,
+    /// Skip the cluster checks (no API server access needed, except for CSINode with --node).
+    #[arg(long)]
+    no_cluster: bool,
+    /// text or json.
+    #[arg(long, short = 'o', default_value = "text", value_parser = ["text", "json"])]
+    output: String,
 }
 
 #[derive(Args, Debug)]
@@ -106,6 +143,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             status::print(&mut std::io::stdout().lock(), a.output, &report)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Doctor(a) => doctor(a, kubeconfig).await,
         Cmd::Import(a) => {
             let endpoint = Endpoint::parse(&a.csi_endpoint)
                 .with_context(|| format!("--csi-endpoint {:?}", a.csi_endpoint))?;
@@ -130,6 +168,92 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+async fn doctor(a: DoctorArgs, kubeconfig: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    use stowage_cli::doctor::{self, Check, backend, cluster, node};
+    let mut checks = Vec::new();
+    let backends = match &a.config {
+        Some(p) => match stowage_backends::ConfigFile::load(p) {
+            Ok(f) => f.backends,
+            Err(e) => {
+                checks.push(Check::fail(
+                    "backend",
+                    format!("config {}", p.display()),
+                    e.to_string(),
+                    "fix the file (examples/ has one per backend)",
+                ));
+                Vec::new()
+            }
+        },
+        None => Vec::new(),
+    };
+    let client = if a.no_cluster && !a.node {
+        None
+    } else {
+        match stowage_cli::kube::client(kubeconfig).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                checks.push(Check::fail(
+                    "cluster",
+                    "API server",
+                    e.to_string(),
+                    "pass --kubeconfig, or --no-cluster to check only node and backends",
+                ));
+                None
+            }
+        }
+    };
+    let mut drivers: Vec<String> = backends
+        .iter()
+        .map(|b| b.driver_name().to_owned())
+        .collect();
+    if a.config.is_none()
+        && let Some(c) = &client
+    {
+        drivers = cluster::stowage_csidrivers(c).await.unwrap_or_default();
+    }
+    if a.node {
+        let node_name = a.node_name.clone().or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        });
+        checks.extend(
+            node::checks(
+                client.as_ref(),
+                &node::NodeOptions {
+                    kubelet_root: a.kubelet_root.clone(),
+                    node_name,
+                    drivers: drivers.clone(),
+                    backends: backends.clone(),
+                },
+            )
+            .await,
+        );
+    }
+    let secrets = match &a.secrets_file {
+        Some(p) => Some(backend::read_secrets(p).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    checks.extend(backend::checks(&backends, a.backend.as_deref(), secrets.as_ref()).await);
+    if !a.no_cluster
+        && let Some(c) = &client
+    {
+        checks.extend(cluster::checks(c, &drivers, &a.service_account).await);
+    }
+    let report = doctor::Report::new(checks);
+    let mut out = std::io::stdout().lock();
+    if a.output == "json" {
+        stowage_cli::output::structured(&mut out, Format::Json, &report)?;
+    } else {
+        doctor::print(&mut out, &report)?;
+    }
+    Ok(if report.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 #[tokio::main]
