@@ -151,3 +151,311 @@ async fn status_lists_and_explains() -> Result<()> {
     })
     .await
 }
+
+/// The NFS server of the suite (tests/infra/ganesha.sh's env file): (server, export, nfs
+/// port, mount port).
+fn ganesha() -> Result<(String, String, String, String)> {
+    let path = std::env::var("STOWAGE_CLI_GANESHA_ENV")
+        .context("STOWAGE_CLI_GANESHA_ENV unset: doctor's NFS checks need nfs-ganesha (tests/suites/87-cli.sh starts it)")?;
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .map(str::to_owned)
+            .with_context(|| format!("{path} has no {k}"))
+    };
+    Ok((
+        get("NFS_SERVER")?,
+        get("NFS_EXPORT")?,
+        get("NFS_PORT")?,
+        get("MNT_PORT")?,
+    ))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A kubelet root that is a shared bind mount of itself (what a node with systemd has), undone
+/// on drop.
+struct SharedRoot(std::path::PathBuf);
+
+impl SharedRoot {
+    fn new(path: std::path::PathBuf) -> Result<SharedRoot> {
+        std::fs::create_dir_all(&path)?;
+        let p = path.to_string_lossy().into_owned();
+        for args in [vec!["--bind", &p, &p], vec!["--make-shared", &p]] {
+            let st = Command::new("mount").args(&args).status()?;
+            ensure!(st.success(), "mount {args:?} failed (root needed)");
+        }
+        Ok(SharedRoot(path))
+    }
+}
+
+impl Drop for SharedRoot {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+fn doctor_json(w: &World, args: &[&str]) -> Result<(i32, Value, String)> {
+    let mut all = vec!["doctor", "-o", "json"];
+    all.extend_from_slice(args);
+    let o = stowage(w, &all)?;
+    let v: Value =
+        serde_json::from_slice(&o.stdout).with_context(|| format!("doctor JSON: {}", text(&o)))?;
+    Ok((o.status.code().unwrap_or(-1), v, text(&o)))
+}
+
+fn check<'a>(r: &'a Value, level: &str, name_part: &str) -> Option<&'a Value> {
+    find(&r["checks"], |c| {
+        c["level"] == level && c["name"].as_str().unwrap_or_default().contains(name_part)
+    })
+}
+
+/// The world of the doctor tests: a stowage-node registering local and NFS drivers in a
+/// shared kubelet root, the CSINode the kubelet would write, the CSIDrivers and a
+/// StorageClass per driver, and a config with one good instance of each.
+struct Node {
+    node: stowage_tests::Plugin,
+    root: SharedRoot,
+    cfg: std::path::PathBuf,
+    name: String,
+}
+
+async fn doctor_world(w: &World) -> Result<Node> {
+    let (server, export, port, mport) = ganesha()?;
+    let cfg = w.dir.path().join("doctor.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "backends:\n  - backend: local\n    instances:\n      default: {{ baseDir: {} }}\n  - backend: nfs\n    instances:\n      main: {{ server: {server}, export: {export}, nfsPort: {port}, mountPort: {mport}, timeoutSecs: 5 }}\n",
+            w.base.display()
+        ),
+    )?;
+    let root = SharedRoot::new(w.dir.path().join("kubelet"))?;
+    let name = format!("{}-node", w.ns);
+    let node_dir = w.dir.path().join("node");
+    std::fs::create_dir_all(&node_dir)?;
+    let rootp = root.0.to_string_lossy().into_owned();
+    let node = stowage_tests::Plugin::spawn(
+        "stowage-node",
+        &node_dir,
+        &format!("unix://{}", node_dir.join("{driver}.sock").display()),
+        &[
+            "--config",
+            &cfg.to_string_lossy(),
+            "--node-id",
+            &name,
+            "--kubelet-root",
+            &rootp,
+            "--kubelet-registration",
+            "true",
+        ],
+    )?;
+    for d in ["local.stowage.io", "nfs.stowage.io"] {
+        let sock = root
+            .0
+            .join("plugins_registry")
+            .join(format!("{d}-reg.sock"));
+        wait_for(&format!("{} to appear", sock.display()), T, || {
+            let s = sock.clone();
+            async move { Ok(s.exists().then_some(())) }
+        })
+        .await?;
+    }
+    let csidriver =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../provisioner/deploy/csidriver");
+    for f in ["local.yaml", "nfs.yaml"] {
+        w.cluster
+            .kubectl(&["apply", "-f", &csidriver.join(f).to_string_lossy()])?;
+    }
+    let csinode: k8s_openapi::api::storage::v1::CSINode = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"drivers": [{"name": "local.stowage.io", "nodeID": name}, {"name": "nfs.stowage.io", "nodeID": name}]}
+    }))?;
+    Api::<k8s_openapi::api::storage::v1::CSINode>::all(w.client.clone())
+        .create(&PostParams::default(), &csinode)
+        .await?;
+    w.create_class("local", json!({})).await?;
+    let nfs_class: k8s_openapi::api::storage::v1::StorageClass = serde_json::from_value(json!({
+        "metadata": {"name": w.class_name("nfs")}, "provisioner": "nfs.stowage.io"
+    }))?;
+    Api::<k8s_openapi::api::storage::v1::StorageClass>::all(w.client.clone())
+        .create(&PostParams::default(), &nfs_class)
+        .await?;
+    Ok(Node {
+        node,
+        root,
+        cfg,
+        name,
+    })
+}
+
+async fn drop_csinode(w: &World, name: &str) {
+    let _ = Api::<k8s_openapi::api::storage::v1::CSINode>::all(w.client.clone())
+        .delete(name, &DeleteParams::default())
+        .await;
+}
+
+fn node_args<'a>(n: &'a Node, root: &'a str, cfg: &'a str) -> Vec<&'a str> {
+    vec![
+        "--node",
+        "--node-name",
+        &n.name,
+        "--kubelet-root",
+        root,
+        "--config",
+        cfg,
+    ]
+}
+
+#[tokio::test]
+async fn doctor_healthy_then_broken_node() -> Result<()> {
+    let _g = serial().await;
+    with_world("cli_doctor_node", false, async |w: &mut World| {
+        let mut n = doctor_world(w).await?;
+        let root = n.root.0.to_string_lossy().into_owned();
+        let cfg = n.cfg.to_string_lossy().into_owned();
+        let r = async {
+            let (code, r, t) = doctor_json(w, &node_args(&n, &root, &cfg))?;
+            ensure!(
+                code == 0 && r["fail"] == 0,
+                "healthy setup reported failures: {t}"
+            );
+            for part in [
+                "/dev/fuse",
+                "mount propagation",
+                "local.stowage.io-reg.sock",
+                "nfs.stowage.io-reg.sock",
+                "local.stowage.io",
+                "nfs/main",
+                "local/default",
+                "RBAC of system:serviceaccount:stowage-system:stowage-provisioner",
+                "CSIDriver nfs.stowage.io",
+            ] {
+                ensure!(
+                    check(&r, "OK", part).is_some(),
+                    "no OK check for {part}: {t}"
+                );
+            }
+            let o = stowage(
+                w,
+                &[
+                    "doctor",
+                    "--node",
+                    "--node-name",
+                    &n.name,
+                    "--kubelet-root",
+                    &root,
+                    "--config",
+                    &cfg,
+                ],
+            )?;
+            println!(
+                "stowage doctor (healthy):\n{}",
+                String::from_utf8_lossy(&o.stdout)
+            );
+
+            // RBAC of an account that has none.
+            let other = format!("{}/nobody", w.ns);
+            let (code, r, t) = doctor_json(w, &["--config", &cfg, "--service-account", &other])?;
+            ensure!(code == 1, "{t}");
+            let c = check(&r, "FAIL", "RBAC of").context(t.clone())?;
+            ensure!(
+                c["detail"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("create persistentvolumes"),
+                "{c}"
+            );
+
+            // The node plugin dies (SIGKILL): its registration sockets stay behind, stale.
+            n.node.kill();
+            let (code, r, t) = doctor_json(w, &node_args(&n, &root, &cfg))?;
+            ensure!(code == 1, "a dead node plugin was not caught: {t}");
+            let c = check(&r, "FAIL", "local.stowage.io-reg.sock").context(t.clone())?;
+            ensure!(
+                c["detail"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("does not answer"),
+                "{c}"
+            );
+            ensure!(!c["hint"].as_str().unwrap_or_default().is_empty(), "{c}");
+            // ... and removed: missing; the CSINode gone: caught too.
+            let _ = std::fs::remove_file(n.root.0.join("plugins_registry/nfs.stowage.io-reg.sock"));
+            drop_csinode(w, &n.name).await;
+            let (code, r, t) = doctor_json(w, &node_args(&n, &root, &cfg))?;
+            ensure!(code == 1, "{t}");
+            let c = check(&r, "FAIL", "nfs.stowage.io-reg.sock").context(t.clone())?;
+            ensure!(
+                c["detail"].as_str().unwrap_or_default().contains("missing"),
+                "{c}"
+            );
+            ensure!(
+                check(&r, "FAIL", &format!("CSINode {}", n.name)).is_some(),
+                "{t}"
+            );
+            let o = stowage(
+                w,
+                &[
+                    "doctor",
+                    "--node",
+                    "--node-name",
+                    &n.name,
+                    "--kubelet-root",
+                    &root,
+                    "--config",
+                    &cfg,
+                ],
+            )?;
+            println!(
+                "stowage doctor (broken node):\n{}",
+                String::from_utf8_lossy(&o.stdout)
+            );
+            Ok(())
+        }
+        .await;
+        drop_csinode(w, &n.name).await;
+        r
+    })
+    .await
+}
+
+#[tokio::test]
+async fn doctor_broken_backend() -> Result<()> {
+    let _g = serial().await;
+    with_world("cli_doctor_backend", false, async |w: &mut World| {
+        let (server, export, port, mport) = ganesha()?;
+        let (p1, p2) = (free_port()?, free_port()?);
+        let cfg = w.dir.path().join("broken.yaml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "backend: nfs\ninstances:\n  good: {{ server: {server}, export: {export}, nfsPort: {port}, mountPort: {mport}, timeoutSecs: 5 }}\n  wrongport: {{ server: {server}, export: {export}, nfsPort: {p1}, mountPort: {p2}, timeoutSecs: 3 }}\n  wrongexport: {{ server: {server}, export: /no-such-export, nfsPort: {port}, mountPort: {mport}, timeoutSecs: 5 }}\n"
+            ),
+        )?;
+        let cfg = cfg.to_string_lossy().into_owned();
+        let (code, r, t) = doctor_json(w, &["--no-cluster", "--config", &cfg])?;
+        ensure!(code == 1, "a broken backend was not caught: {t}");
+        ensure!(check(&r, "OK", "nfs/good").is_some(), "{t}");
+        let c = check(&r, "FAIL", "nfs/wrongport").context(t.clone())?;
+        let d = c["detail"].as_str().unwrap_or_default();
+        ensure!(d.contains(&p2.to_string()) || d.contains(&p1.to_string()), "{c}");
+        ensure!(c["hint"].as_str().unwrap_or_default().contains("NFSv3"), "{c}");
+        let c = check(&r, "FAIL", "nfs/wrongexport").context(t.clone())?;
+        ensure!(c["detail"].as_str().unwrap_or_default().contains("/no-such-export"), "{c}");
+        // --backend picks one instance; the good one alone passes.
+        let (code, r, t) = doctor_json(w, &["--no-cluster", "--config", &cfg, "--backend", "nfs/good"])?;
+        ensure!(code == 0 && r["checks"].as_array().map(Vec::len) == Some(1), "{t}");
+        let (code, _, t) = doctor_json(w, &["--no-cluster", "--config", &cfg, "--backend", "nfs/none"])?;
+        ensure!(code == 1, "{t}");
+        let o = stowage(w, &["doctor", "--no-cluster", "--config", &cfg])?;
+        println!("stowage doctor (broken backend):\n{}", String::from_utf8_lossy(&o.stdout));
+        Ok(())
+    })
+    .await
+}

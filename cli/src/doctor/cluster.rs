@@ -50,7 +50,7 @@ pub async fn checks(client: &Client, drivers: &[String], service_account: &str) 
                 S,
                 format!("CSIDriver {d}"),
                 "missing: the kubelet and KCM treat the driver as attachRequired with default settings",
-                format!("kubectl apply -f provisioner/deploy/csidriver/{d}.yaml (the chart installs it)"),
+                format!("kubectl apply -f provisioner/deploy/csidriver/{}.yaml (the chart installs it)", crate::explain::backend_of(d)),
             ),
             Err(e) => Check::fail(S, format!("CSIDriver {d}"), format!("cannot read: {e}"), "check --kubeconfig and RBAC"),
         });
