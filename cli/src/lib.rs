@@ -7,4 +7,3 @@ pub mod explain;
 pub mod kube;
 pub mod output;
 pub mod status;
-pub mod version;

@@ -22,7 +22,7 @@ use stowage_provisioner::import::{self, ImportOptions};
 #[derive(Parser, Debug)]
 #[command(
     name = "stowage",
-    version = stowage_cli::version::VERSION,
+    version = stowage_version::VERSION,
     about = "Stowage admin CLI: status of Stowage volumes and claims, doctor checks, imports"
 )]
 struct Cli {
@@ -41,6 +41,13 @@ enum Cmd {
     /// Check this node, the configured backends and the cluster; OK/WARN/FAIL lines with a
     /// fix hint, exit code 1 on any FAIL.
     Doctor(DoctorArgs),
+    /// Print a shell completion script: `source <(stowage completions bash)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) generated from these definitions: `stowage man | man -l -`.
+    Man,
     /// List a driver's volumes that have no PV and create PVs for the chosen ones (static
     /// provisioning).
     Import(ImportArgs),
@@ -144,6 +151,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Doctor(a) => doctor(a, kubeconfig).await,
+        Cmd::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "stowage", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd).render(&mut std::io::stdout())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Import(a) => {
             let endpoint = Endpoint::parse(&a.csi_endpoint)
                 .with_context(|| format!("--csi-endpoint {:?}", a.csi_endpoint))?;

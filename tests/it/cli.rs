@@ -459,3 +459,156 @@ async fn doctor_broken_backend() -> Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn import_version_completions_man() -> Result<()> {
+    let _g = serial().await;
+    with_world("cli_import", false, async |w: &mut World| {
+        // `stowage import` does what `stowage-provisioner import` did, with the same flags.
+        let mut c =
+            stowage_tests::controller_clients(stowage_csi::client::connect(&w.ctl.endpoint).await?);
+        c.controller
+            .create_volume(stowage_tests::wire::create("legacy-cli", 1 << 30))
+            .await?;
+        let ep = w.ctl_endpoint.clone();
+        let o = stowage(w, &["import", "--csi-endpoint", &ep])?;
+        ensure!(o.status.success(), "{}", text(&o));
+        ensure!(
+            String::from_utf8_lossy(&o.stdout).contains("default/legacy-cli"),
+            "{}",
+            text(&o)
+        );
+        let class = w.class_name("imported");
+        let o = stowage(
+            w,
+            &[
+                "import",
+                "--csi-endpoint",
+                &ep,
+                "--storage-class",
+                &class,
+                "default/legacy-cli",
+            ],
+        )?;
+        let t = text(&o);
+        ensure!(
+            o.status.success() && t.contains("created PV stowage-default-legacy-cli-"),
+            "{t}"
+        );
+        let pvs = w.pvs().list(&Default::default()).await?;
+        let pv = pvs
+            .items
+            .iter()
+            .find(|p| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.storage_class_name.as_deref())
+                    == Some(class.as_str())
+            })
+            .context("no imported PV in the API server")?;
+        let spec = pv.spec.clone().unwrap_or_default();
+        ensure!(
+            spec.csi.map(|c| c.volume_handle) == Some("default/legacy-cli".into()),
+            "{pv:?}"
+        );
+        ensure!(
+            spec.persistent_volume_reclaim_policy.as_deref() == Some("Retain"),
+            "{pv:?}"
+        );
+        // The old spelling still works and says it is deprecated.
+        let o = Command::new(bin("stowage-provisioner")?)
+            .args(["--csi-endpoint", &ep, "import"])
+            .env("KUBECONFIG", &w.cluster.admin_kubeconfig)
+            .output()?;
+        ensure!(o.status.success(), "{}", text(&o));
+        ensure!(
+            String::from_utf8_lossy(&o.stderr).contains("deprecated"),
+            "{}",
+            text(&o)
+        );
+
+        // --version of every binary names the commit, and GetPluginInfo says the same.
+        let mut lines = Vec::new();
+        for b in [
+            "stowage",
+            "stowage-controller",
+            "stowage-node",
+            "stowage-provisioner",
+        ] {
+            let o = Command::new(bin(b)?).arg("--version").output()?;
+            let line = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+            ensure!(
+                o.status.success() && line.starts_with(&format!("{b} 0.")),
+                "{b}: {}",
+                text(&o)
+            );
+            let v = line
+                .split_once(' ')
+                .map(|x| x.1.to_owned())
+                .unwrap_or_default();
+            ensure!(v.contains("(commit ") && !v.contains("unknown"), "{line}");
+            lines.push(v);
+        }
+        ensure!(
+            lines.windows(2).all(|p| p[0] == p[1]),
+            "binaries disagree: {lines:?}"
+        );
+        let info = c
+            .identity
+            .get_plugin_info(stowage_csi::v1::GetPluginInfoRequest {})
+            .await?
+            .into_inner();
+        ensure!(
+            info.vendor_version == lines[0],
+            "GetPluginInfo {:?} vs --version {:?}",
+            info.vendor_version,
+            lines[0]
+        );
+
+        // Completions that the shell accepts, and a man page that man renders.
+        let dir = w.dir.path();
+        for (shell, check) in [
+            ("bash", vec!["bash", "-n"]),
+            ("zsh", vec![]),
+            ("fish", vec![]),
+        ] {
+            let o = stowage(w, &["completions", shell])?;
+            let script = String::from_utf8_lossy(&o.stdout).into_owned();
+            ensure!(
+                o.status.success() && script.contains("doctor") && script.contains("status"),
+                "{shell}: {}",
+                text(&o)
+            );
+            if let [prog, args @ ..] = check.as_slice() {
+                let f = dir.join(format!("completion.{shell}"));
+                std::fs::write(&f, &script)?;
+                let st = Command::new(prog).args(args).arg(&f).status()?;
+                ensure!(st.success(), "{shell} rejects the completion script");
+            }
+        }
+        let o = stowage(w, &["man"])?;
+        let page = String::from_utf8_lossy(&o.stdout).into_owned();
+        ensure!(
+            o.status.success() && page.contains(".TH stowage 1"),
+            "{}",
+            text(&o)
+        );
+        let f = dir.join("stowage.1");
+        std::fs::write(&f, &page)?;
+        if let Ok(out) = Command::new("man")
+            .arg("-l")
+            .arg(&f)
+            .env("MANPAGER", "cat")
+            .env("COLUMNS", "100")
+            .output()
+        {
+            let r = String::from_utf8_lossy(&out.stdout);
+            ensure!(
+                r.contains("SUBCOMMANDS") || r.contains("stowage-status") || r.contains("status"),
+                "man output: {r}"
+            );
+        }
+        Ok(())
+    })
+    .await
+}

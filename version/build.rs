@@ -28,11 +28,5 @@ fn main() {
             println!("cargo:rerun-if-changed={dir}/{r}");
         }
     }
-    let dirty = git(&["status", "--porcelain", "--untracked-files=no"]).is_some();
-    let suffix = if dirty && commit != "unknown" {
-        "-dirty"
-    } else {
-        ""
-    };
-    println!("cargo:rustc-env=STOWAGE_GIT_COMMIT={commit}{suffix}");
+    println!("cargo:rustc-env=STOWAGE_GIT_COMMIT={commit}");
 }
