@@ -5,5 +5,6 @@
 pub mod doctor;
 pub mod explain;
 pub mod kube;
+pub mod migrate;
 pub mod output;
 pub mod status;

@@ -41,6 +41,9 @@ enum Cmd {
     /// Check this node, the configured backends and the cluster; OK/WARN/FAIL lines with a
     /// fix hint, exit code 1 on any FAIL.
     Doctor(DoctorArgs),
+    /// Turn in-tree `nfs:` PVs into nfs.stowage.io CSI PVs on the same export path (no data
+    /// copied; bound claims stay bound; Recycle keeps working through Stowage).
+    MigrateIntree(MigrateArgs),
     /// Print a shell completion script: `source <(stowage completions bash)`.
     Completions {
         #[arg(value_enum)]
@@ -101,6 +104,22 @@ struct DoctorArgs {
 }
 
 #[derive(Args, Debug)]
+struct MigrateArgs {
+    /// The stowage-controller socket serving nfs.stowage.io.
+    #[arg(
+        long,
+        env = "CSI_ENDPOINT",
+        default_value = "unix:///var/lib/stowage/controller.sock"
+    )]
+    csi_endpoint: String,
+    /// Print each PV before and after (YAML) and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// PVs to migrate (default: every in-tree nfs PV).
+    pvs: Vec<String>,
+}
+
+#[derive(Args, Debug)]
 struct ImportArgs {
     /// The stowage-controller socket of the driver (unix:///path or tcp://host:port).
     #[arg(
@@ -151,6 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Doctor(a) => doctor(a, kubeconfig).await,
+        Cmd::MigrateIntree(a) => migrate(a, kubeconfig).await,
         Cmd::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
             clap_complete::generate(shell, &mut cmd, "stowage", &mut std::io::stdout());
@@ -267,6 +287,108 @@ async fn doctor(a: DoctorArgs, kubeconfig: Option<&std::path::Path>) -> anyhow::
         doctor::print(&mut out, &report)?;
     }
     Ok(if report.failed() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn migrate(a: MigrateArgs, kubeconfig: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
+    use kube::api::ListParams;
+    use stowage_cli::migrate;
+    let client = stowage_cli::kube::client(kubeconfig).await?;
+    let all: Vec<PersistentVolume> = kube::Api::<PersistentVolume>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .context("listing PersistentVolumes")?
+        .items;
+    for n in &a.pvs {
+        anyhow::ensure!(
+            all.iter()
+                .any(|p| p.metadata.name.as_deref() == Some(n.as_str())),
+            "PV {n} does not exist"
+        );
+    }
+    let chosen: Vec<&PersistentVolume> = all
+        .iter()
+        .filter(|p| {
+            let name = p.metadata.name.as_deref().unwrap_or("");
+            if a.pvs.is_empty() {
+                p.spec.as_ref().is_some_and(|s| s.nfs.is_some())
+            } else {
+                a.pvs.iter().any(|n| n == name)
+            }
+        })
+        .collect();
+    if chosen.is_empty() {
+        println!("no in-tree nfs PVs to migrate");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let pods: Vec<Pod> = kube::Api::<Pod>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .context("listing Pods (to refuse PVs in use)")?
+        .items;
+    let endpoint = Endpoint::parse(&a.csi_endpoint)
+        .with_context(|| format!("--csi-endpoint {:?}", a.csi_endpoint))?;
+    let driver = Driver::connect(&endpoint, Duration::from_secs(30), Duration::from_secs(10))
+        .await
+        .with_context(|| format!("connecting to the CSI driver at {endpoint}"))?;
+    anyhow::ensure!(
+        driver.name == migrate::NFS_DRIVER,
+        "--csi-endpoint {endpoint} serves {}, not {}",
+        driver.name,
+        migrate::NFS_DRIVER
+    );
+    let volumes = driver
+        .list_volumes()
+        .await
+        .context("ListVolumes of nfs.stowage.io")?;
+    let mut refused = 0;
+    let mut out = std::io::stdout().lock();
+    for old in chosen {
+        let name = old.metadata.name.clone().unwrap_or_default();
+        let new = match migrate::plan(old, &volumes, &pods) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("refused: {e}");
+                refused += 1;
+                continue;
+            }
+        };
+        let handle = new
+            .spec
+            .as_ref()
+            .and_then(|s| s.csi.as_ref())
+            .map(|c| c.volume_handle.clone())
+            .unwrap_or_default();
+        if a.dry_run {
+            use std::io::Write;
+            let mut before = old.clone();
+            before.metadata.managed_fields = None;
+            before.status = None;
+            writeln!(out, "# PV {name}: before")?;
+            stowage_cli::output::structured(&mut out, Format::Yaml, &before)?;
+            writeln!(out, "# PV {name}: after (nfs.stowage.io volume {handle})")?;
+            stowage_cli::output::structured(&mut out, Format::Yaml, &new)?;
+            continue;
+        }
+        migrate::apply(&client, old, &new)
+            .await
+            .with_context(|| format!("migrating PV {name}"))?;
+        let s = migrate::summary(&new);
+        println!(
+            "migrated PV {name} to nfs.stowage.io volume {handle} (reclaim {}, claim {})",
+            s["reclaim"],
+            if s["claim"].is_empty() {
+                "-"
+            } else {
+                &s["claim"]
+            }
+        );
+    }
+    Ok(if refused > 0 {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
