@@ -112,6 +112,10 @@ struct MigrateArgs {
         default_value = "unix:///var/lib/stowage/controller.sock"
     )]
     csi_endpoint: String,
+    /// The configuration stowage-controller runs with (its NFS instances say which export
+    /// path belongs to which instance).
+    #[arg(long, env = "STOWAGE_CONFIG")]
+    config: PathBuf,
     /// Print each PV before and after (YAML) and change nothing.
     #[arg(long)]
     dry_run: bool,
@@ -341,15 +345,39 @@ async fn migrate(a: MigrateArgs, kubeconfig: Option<&std::path::Path>) -> anyhow
         driver.name,
         migrate::NFS_DRIVER
     );
-    let volumes = driver
-        .list_volumes()
-        .await
-        .context("ListVolumes of nfs.stowage.io")?;
+    let instances = stowage_backends::ConfigFile::load(&a.config)?
+        .backends
+        .into_iter()
+        .find_map(|b| match b {
+            stowage_backends::Config::Nfs(i) => Some(i.instances),
+            _ => None,
+        })
+        .with_context(|| format!("--config {}: no nfs backend in it", a.config.display()))?;
     let mut refused = 0;
     let mut out = std::io::stdout().lock();
     for old in chosen {
         let name = old.metadata.name.clone().unwrap_or_default();
-        let new = match migrate::plan(old, &volumes, &pods) {
+        let located =
+            migrate::check_unused(old, &pods).and_then(|()| migrate::locate(old, &instances));
+        let (instance, sub_dir) = match located {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("refused: {e}");
+                refused += 1;
+                continue;
+            }
+        };
+        let vol = if a.dry_run {
+            migrate::predicted_volume(old, &instance, &sub_dir)
+        } else {
+            driver
+                .create_volume(migrate::adopt_request(old, &instance, &sub_dir))
+                .await
+                .with_context(|| {
+                    format!("PV {name}: adopting {instance}/{sub_dir} as a Stowage volume")
+                })?
+        };
+        let new = match migrate::plan(old, &vol) {
             Ok(n) => n,
             Err(e) => {
                 eprintln!("refused: {e}");

@@ -16,6 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
+use stowage_backends::config::NfsInstance;
 use stowage_csi::v1;
 
 /// Where the in-tree source of a migrated PV is kept (for the record, and to undo by hand).
@@ -35,7 +36,7 @@ pub enum Refusal {
         pods: String,
     },
     #[error(
-        "PV {pv}: {server}:{path} is not a volume of {driver}: no configured NFS instance of stowage-controller lists it (the driver lists {listed}). Add an instance whose server is {server} and whose export/baseDir holds {path}"
+        "PV {pv}: {server}:{path} is under no NFS instance of {driver} in --config (instances: {listed}). Add an instance whose server is {server} and whose export/baseDir holds {path}, and give the same file to stowage-controller"
     )]
     NoVolume {
         pv: String,
@@ -78,62 +79,148 @@ fn users(pods: &[Pod], ns: &str, claim: &str) -> Vec<String> {
         .collect()
 }
 
-/// The CSI PV that replaces `old`, or why not.
-pub fn plan(
+/// Refuses a PV whose claim is used by a pod that has not finished.
+pub fn check_unused(old: &PersistentVolume, pods: &[Pod]) -> Result<(), Refusal> {
+    let name = old.metadata.name.clone().unwrap_or_default();
+    let Some(c) = old.spec.as_ref().and_then(|s| s.claim_ref.as_ref()) else {
+        return Ok(());
+    };
+    let (ns, cn) = (
+        c.namespace.as_deref().unwrap_or(""),
+        c.name.as_deref().unwrap_or(""),
+    );
+    let using = users(pods, ns, cn);
+    if using.is_empty() {
+        Ok(())
+    } else {
+        Err(Refusal::InUse {
+            pv: name,
+            claim: format!("{ns}/{cn}"),
+            pods: using.join(", "),
+        })
+    }
+}
+
+/// The instance of the controller's configuration that serves the PV's export path, and the
+/// directory below its export/baseDir: (instance, subDir).
+pub fn locate(
     old: &PersistentVolume,
-    volumes: &[v1::Volume],
-    pods: &[Pod],
-) -> Result<PersistentVolume, Refusal> {
+    instances: &BTreeMap<String, NfsInstance>,
+) -> Result<(String, String), Refusal> {
+    let name = old.metadata.name.clone().unwrap_or_default();
+    let Some(nfs) = old.spec.as_ref().and_then(|s| s.nfs.clone()) else {
+        return Err(Refusal::NotInTreeNfs { pv: name });
+    };
+    let want = norm(&nfs.path);
+    for (inst, i) in instances {
+        if i.server != nfs.server {
+            continue;
+        }
+        let root = norm(&format!(
+            "{}/{}",
+            i.export.trim_end_matches('/'),
+            i.base_dir.trim_matches('/')
+        ));
+        let rel = want
+            .strip_prefix(&root)
+            .and_then(|r| r.strip_prefix('/'))
+            .filter(|r| !r.is_empty() && !r.split('/').any(|c| c.is_empty() || c.starts_with('.')));
+        if let Some(rel) = rel {
+            return Ok((inst.clone(), rel.to_owned()));
+        }
+    }
+    let listed: Vec<String> = instances
+        .iter()
+        .map(|(n, i)| format!("{n}: {}:{}/{}", i.server, i.export, i.base_dir))
+        .collect();
+    Err(Refusal::NoVolume {
+        pv: name,
+        server: nfs.server,
+        path: nfs.path,
+        driver: NFS_DRIVER,
+        listed: if listed.is_empty() {
+            "none".into()
+        } else {
+            listed.join(", ")
+        },
+    })
+}
+
+/// CreateVolume that adopts the directory as a Stowage volume (dirstore adopts an existing
+/// directory without metadata, which is what makes Recycle work on it). onDelete=retain:
+/// data the in-tree PV held is never deleted by Stowage unless someone asks for it.
+pub fn adopt_request(
+    old: &PersistentVolume,
+    instance: &str,
+    sub_dir: &str,
+) -> v1::CreateVolumeRequest {
+    use v1::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
+    let spec = old.spec.clone().unwrap_or_default();
+    let bytes = spec
+        .capacity
+        .as_ref()
+        .and_then(|c| c.get("storage"))
+        .and_then(|q| stowage_provisioner::quantity::parse_bytes(&q.0).ok())
+        .unwrap_or(0);
+    let caps = spec
+        .access_modes
+        .unwrap_or_default()
+        .iter()
+        .map(|m| {
+            let mode = match m.as_str() {
+                "ReadWriteMany" => Mode::MultiNodeMultiWriter,
+                "ReadOnlyMany" => Mode::MultiNodeReaderOnly,
+                "ReadWriteOncePod" => Mode::SingleNodeSingleWriter,
+                _ => Mode::SingleNodeWriter,
+            };
+            v1::VolumeCapability {
+                access_type: Some(AccessType::Mount(MountVolume {
+                    mount_flags: spec.mount_options.clone().unwrap_or_default(),
+                    ..Default::default()
+                })),
+                access_mode: Some(AccessMode { mode: mode as i32 }),
+            }
+        })
+        .collect();
+    v1::CreateVolumeRequest {
+        name: format!("migrated-{}", old.metadata.name.as_deref().unwrap_or("")),
+        capacity_range: Some(v1::CapacityRange {
+            required_bytes: i64::try_from(bytes).unwrap_or(0),
+            limit_bytes: 0,
+        }),
+        volume_capabilities: caps,
+        parameters: [
+            ("instance".to_owned(), instance.to_owned()),
+            ("subDir".to_owned(), sub_dir.to_owned()),
+            ("onDelete".to_owned(), "retain".to_owned()),
+        ]
+        .into(),
+        ..Default::default()
+    }
+}
+
+/// What the driver will answer for the adopted directory (for --dry-run, which must not
+/// write the volume's metadata).
+pub fn predicted_volume(old: &PersistentVolume, instance: &str, sub_dir: &str) -> v1::Volume {
+    let nfs = old.spec.clone().and_then(|s| s.nfs).unwrap_or_default();
+    v1::Volume {
+        volume_id: format!("{instance}/{sub_dir}"),
+        volume_context: [
+            ("server".to_owned(), nfs.server),
+            ("share".to_owned(), norm(&nfs.path)),
+        ]
+        .into(),
+        ..Default::default()
+    }
+}
+
+/// The CSI PV that replaces `old` on volume `vol` (same name, claimRef, reclaim policy,
+/// mount options, capacity and access modes).
+pub fn plan(old: &PersistentVolume, vol: &v1::Volume) -> Result<PersistentVolume, Refusal> {
     let name = old.metadata.name.clone().unwrap_or_default();
     let spec = old.spec.clone().unwrap_or_default();
     let Some(nfs) = spec.nfs.clone() else {
         return Err(Refusal::NotInTreeNfs { pv: name });
-    };
-    if let Some(c) = &spec.claim_ref {
-        let (ns, cn) = (
-            c.namespace.as_deref().unwrap_or(""),
-            c.name.as_deref().unwrap_or(""),
-        );
-        let using = users(pods, ns, cn);
-        if !using.is_empty() {
-            return Err(Refusal::InUse {
-                pv: name,
-                claim: format!("{ns}/{cn}"),
-                pods: using.join(", "),
-            });
-        }
-    }
-    let want = norm(&nfs.path);
-    let vol = volumes.iter().find(|v| {
-        v.volume_context.get("server").map(String::as_str) == Some(nfs.server.as_str())
-            && v.volume_context.get("share").map(|s| norm(s)) == Some(want.clone())
-    });
-    let Some(vol) = vol else {
-        let mut listed: Vec<String> = volumes
-            .iter()
-            .take(5)
-            .map(|v| {
-                format!(
-                    "{}:{}",
-                    v.volume_context.get("server").cloned().unwrap_or_default(),
-                    v.volume_context.get("share").cloned().unwrap_or_default()
-                )
-            })
-            .collect();
-        if volumes.len() > 5 {
-            listed.push("...".into());
-        }
-        return Err(Refusal::NoVolume {
-            pv: name,
-            server: nfs.server,
-            path: nfs.path,
-            driver: NFS_DRIVER,
-            listed: if listed.is_empty() {
-                "nothing".into()
-            } else {
-                listed.join(", ")
-            },
-        });
     };
     let mut annotations = old.metadata.annotations.clone().unwrap_or_default();
     annotations.insert(
@@ -346,20 +433,60 @@ mod tests {
                    "status": {"phase": phase}}))
     }
 
+    fn inst(server: &str, export: &str, base: &str) -> NfsInstance {
+        serde_json::from_value(json!({"server": server, "export": export, "baseDir": base}))
+            .unwrap()
+    }
+
+    #[test]
+    fn locate_table() {
+        let instances = BTreeMap::from([
+            ("a".to_owned(), inst("10.0.0.6", "/export", "")),
+            ("b".to_owned(), inst("10.0.0.5", "/export", "stowage")),
+            ("c".to_owned(), inst("10.0.0.5", "/export/", "")),
+        ]);
+        let cases = [
+            ("/export/wp", Some(("c", "wp"))),
+            ("/export/wp/", Some(("c", "wp"))),
+            ("/export/stowage/wp", Some(("b", "wp"))),
+            ("/export/team/wp", Some(("c", "team/wp"))),
+            ("/export", None),
+            ("/export/.stowage", None),
+            ("/exportx/wp", None),
+            ("/srv/wp", None),
+        ];
+        for (path, want) in cases {
+            let got = locate(&intree(path), &instances).ok();
+            let want = want.map(|(i, r)| (i.to_owned(), r.to_owned()));
+            assert_eq!(got, want, "{path}");
+        }
+        let e = locate(&intree("/srv/wp"), &instances).unwrap_err();
+        assert!(e.to_string().contains("b: 10.0.0.5:/export/stowage"), "{e}");
+        let mut csi = intree("/export/wp");
+        csi.spec.as_mut().unwrap().nfs = None;
+        assert!(matches!(
+            locate(&csi, &instances),
+            Err(Refusal::NotInTreeNfs { .. })
+        ));
+    }
+
+    #[test]
+    fn adopt_request_keeps_size_modes_and_options() {
+        let r = adopt_request(&intree("/export/wp"), "c", "wp");
+        assert_eq!(r.capacity_range.unwrap().required_bytes, 5 << 30);
+        assert_eq!(r.parameters["subDir"], "wp");
+        assert_eq!(r.parameters["onDelete"], "retain");
+        let cap = &r.volume_capabilities[0];
+        assert_eq!(
+            cap.access_mode.unwrap().mode,
+            v1::volume_capability::access_mode::Mode::MultiNodeMultiWriter as i32
+        );
+    }
+
     #[test]
     fn plan_table() {
-        let vols = vec![
-            vol("main/other", "10.0.0.5", "/export/other"),
-            vol("main/wp", "10.0.0.5", "/export/wp"),
-            vol("second/wp", "10.0.0.6", "/export/wp"),
-        ];
-        // Same server and share (a trailing slash does not matter), finished pods do not count.
-        let new = plan(
-            &intree("/export/wp/"),
-            &vols,
-            &[pod("old", "wp", "Succeeded"), pod("x", "other", "Running")],
-        )
-        .unwrap();
+        let vol = vol("main/wp", "10.0.0.5", "/export/wp");
+        let new = plan(&intree("/export/wp/"), &vol).unwrap();
         let spec = new.spec.clone().unwrap();
         assert!(spec.nfs.is_none());
         let csi = spec.csi.clone().unwrap();
@@ -386,39 +513,22 @@ mod tests {
         assert!(ann[ANN_MIGRATED_FROM].contains("/export/wp/"));
         assert_eq!(ann["pv.kubernetes.io/bound-by-controller"], "yes");
 
-        // A pod that is running or about to run: refused, naming it.
-        let e = plan(
-            &intree("/export/wp"),
-            &vols,
-            &[pod("web-0", "wp", "Running")],
-        )
-        .unwrap_err();
+        // A pod that is running or about to run: refused, naming it; finished pods and pods
+        // of other claims do not count.
+        let old = intree("/export/wp");
+        assert!(
+            check_unused(
+                &old,
+                &[pod("old", "wp", "Succeeded"), pod("x", "other", "Running")]
+            )
+            .is_ok()
+        );
+        let e = check_unused(&old, &[pod("web-0", "wp", "Running")]).unwrap_err();
         assert!(
             matches!(&e, Refusal::InUse { pods, .. } if pods == "web/web-0"),
             "{e}"
         );
         assert!(e.to_string().contains("scale the workload to 0"));
-        let e = plan(
-            &intree("/export/wp"),
-            &vols,
-            &[pod("web-0", "wp", "Pending")],
-        )
-        .unwrap_err();
-        assert!(matches!(e, Refusal::InUse { .. }));
-
-        // No instance serves that path: refused, with what the driver does list.
-        let e = plan(&intree("/srv/elsewhere"), &vols, &[]).unwrap_err();
-        assert!(
-            matches!(&e, Refusal::NoVolume { listed, .. } if listed.contains("10.0.0.5:/export/wp")),
-            "{e}"
-        );
-
-        // Not in-tree NFS.
-        let mut csi = intree("/export/wp");
-        csi.spec.as_mut().unwrap().nfs = None;
-        assert!(matches!(
-            plan(&csi, &vols, &[]),
-            Err(Refusal::NotInTreeNfs { .. })
-        ));
+        assert!(check_unused(&old, &[pod("web-0", "wp", "Pending")]).is_err());
     }
 }

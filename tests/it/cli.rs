@@ -612,3 +612,115 @@ async fn import_version_completions_man() -> Result<()> {
     })
     .await
 }
+
+#[tokio::test]
+async fn migrate_intree_nfs() -> Result<()> {
+    let _g = serial().await;
+    with_world("cli_migrate", false, async |w: &mut World| {
+        use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
+        let (server, export, port, mport) = ganesha()?;
+        let env = std::fs::read_to_string(std::env::var("STOWAGE_CLI_GANESHA_ENV")?)?;
+        let export_dir = env
+            .lines()
+            .find_map(|l| l.strip_prefix("NFS_EXPORT_DIR="))
+            .context("no NFS_EXPORT_DIR")?
+            .to_owned();
+        // The data the in-tree PV points at, as a user's course would have made it.
+        let dir = format!("{}-wp", w.ns);
+        let data = std::path::Path::new(&export_dir).join(&dir);
+        std::fs::create_dir_all(&data)?;
+        std::fs::write(data.join("index.html"), b"hello from the in-tree era\n")?;
+        struct Gone(std::path::PathBuf);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let _gone = Gone(data.clone());
+        // stowage-controller for NFS on the same export, and a provisioner on it (Recycle).
+        let nfs_dir = w.dir.path().join("nfs");
+        std::fs::create_dir_all(&nfs_dir)?;
+        let cfg = nfs_dir.join("nfs.yaml");
+        std::fs::write(
+            &cfg,
+            format!("backend: nfs\ninstances:\n  default: {{ server: {server}, export: {export}, nfsPort: {port}, mountPort: {mport}, timeoutSecs: 5 }}\n"),
+        )?;
+        let mut ctl = stowage_tests::Plugin::controller(&nfs_dir, &cfg)?;
+        ctl.ready().await?;
+        let ep = format!("unix://{}", nfs_dir.join("controller.sock").display());
+
+        let class = w.class_name("intree");
+        let pv_name = format!("{}-legacy", w.ns);
+        let pv: PersistentVolume = serde_json::from_value(json!({
+            "metadata": {"name": pv_name},
+            "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"],
+                     "persistentVolumeReclaimPolicy": "Recycle", "storageClassName": class,
+                     "mountOptions": ["nfsvers=3", "hard"],
+                     "nfs": {"server": server, "path": format!("{export}/{dir}")}}
+        }))?;
+        w.pvs().create(&PostParams::default(), &pv).await?;
+        w.create_claim("wp", Some(&class), "1Gi", &["ReadWriteMany"], json!({})).await?;
+        let bound = w.wait_bound("wp", T).await?;
+        ensure!(bound.metadata.name.as_deref() == Some(pv_name.as_str()), "bound to {:?}", bound.metadata.name);
+        let claim_uid = w.claim("wp").await?.and_then(|c| c.metadata.uid).context("claim uid")?;
+
+        // A pod using the claim: refused, the PV untouched.
+        w.wait_service_account().await?;
+        let pods: Api<Pod> = Api::namespaced(w.client.clone(), &w.ns);
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "wordpress"},
+            "spec": {"containers": [{"name": "c", "image": "busybox:local"}],
+                     "volumes": [{"name": "v", "persistentVolumeClaim": {"claimName": "wp"}}]}
+        }))?;
+        pods.create(&PostParams::default(), &pod).await?;
+        let cfgs = cfg.to_string_lossy().into_owned();
+        let o = stowage(w, &["migrate-intree", "--config", &cfgs, "--csi-endpoint", &ep, &pv_name])?;
+        let t = text(&o);
+        ensure!(!o.status.success() && t.contains("refused") && t.contains(&format!("{}/wordpress", w.ns)), "{t}");
+        ensure!(w.pvs().get(&pv_name).await?.spec.and_then(|s| s.nfs).is_some(), "PV changed after a refusal");
+        pods.delete("wordpress", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await?;
+        wait_for("the pod to go", T, || {
+            let pods = pods.clone();
+            async move { Ok(pods.get_opt("wordpress").await?.is_none().then_some(())) }
+        })
+        .await?;
+
+        // --dry-run shows before and after and changes nothing.
+        let o = stowage(w, &["migrate-intree", "--config", &cfgs, "--csi-endpoint", &ep, "--dry-run", &pv_name])?;
+        let t = text(&o);
+        ensure!(o.status.success() && t.contains("before") && t.contains("nfs.stowage.io") && t.contains(&format!("default/{dir}")), "{t}");
+        ensure!(w.pvs().get(&pv_name).await?.spec.and_then(|s| s.nfs).is_some(), "dry run changed the PV");
+
+        let o = stowage(w, &["migrate-intree", "--config", &cfgs, "--csi-endpoint", &ep, &pv_name])?;
+        let t = text(&o);
+        ensure!(o.status.success() && t.contains(&format!("migrated PV {pv_name}")), "{t}");
+        println!("{}", String::from_utf8_lossy(&o.stdout));
+        let pv = w.pvs().get(&pv_name).await?;
+        let spec = pv.spec.clone().unwrap_or_default();
+        let csi = spec.csi.clone().context("no csi source after migration")?;
+        ensure!(spec.nfs.is_none() && csi.driver == "nfs.stowage.io", "{spec:?}");
+        ensure!(csi.volume_handle == format!("default/{dir}"), "{csi:?}");
+        let attrs = csi.volume_attributes.clone().unwrap_or_default();
+        ensure!(attrs.get("share") == Some(&format!("{export}/{dir}")) && attrs.get("server") == Some(&server), "{attrs:?}");
+        ensure!(spec.persistent_volume_reclaim_policy.as_deref() == Some("Recycle"), "{spec:?}");
+        ensure!(spec.mount_options == Some(vec!["nfsvers=3".into(), "hard".into()]), "{spec:?}");
+        let claim = w.claim("wp").await?.context("claim gone")?;
+        ensure!(claim.metadata.uid.as_deref() == Some(claim_uid.as_str()), "another claim");
+        ensure!(claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Bound"), "{claim:?}");
+        ensure!(claim.spec.as_ref().and_then(|s| s.volume_name.as_deref()) == Some(pv_name.as_str()), "{claim:?}");
+        ensure!(std::fs::read(data.join("index.html"))? == b"hello from the in-tree era\n", "data changed");
+        // Nothing left to migrate: a second run is a no-op for this PV.
+        let o = stowage(w, &["migrate-intree", "--config", &cfgs, "--csi-endpoint", &ep, "--dry-run"])?;
+        ensure!(!String::from_utf8_lossy(&o.stdout).contains(&pv_name), "{}", text(&o));
+
+        // Recycle now goes through Stowage: the claim deleted, the data scrubbed, the PV
+        // Available again.
+        w.start_provisioner_at(&ep, &[])?;
+        w.pvcs().delete("wp", &DeleteParams::default()).await?;
+        w.wait_pv_phase(&pv_name, "Available", Duration::from_secs(90)).await?;
+        ensure!(!data.join("index.html").exists(), "Recycle left the old data");
+        ensure!(data.is_dir(), "Recycle removed the volume directory");
+        Ok(())
+    })
+    .await
+}
