@@ -39,7 +39,7 @@ fn status_json(w: &World) -> Result<Value> {
     serde_json::from_slice(&o.stdout).with_context(|| format!("status JSON: {}", text(&o)))
 }
 
-fn find<'a>(list: &'a Value, f: impl Fn(&Value) -> bool) -> Option<&'a Value> {
+fn find(list: &Value, f: impl Fn(&Value) -> bool) -> Option<&Value> {
     list.as_array()?.iter().find(|v| f(v))
 }
 
