@@ -11,7 +11,7 @@ use stowage_csi::serve::Listener;
 
 #[derive(Parser, Debug)]
 #[command(
-    version,
+    version = stowage_version::VERSION,
     about = "Stowage CSI controller plugin (Identity + Controller + stowage.v1)"
 )]
 struct Args {
@@ -35,6 +35,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    stowage_csi::identity::set_vendor_version(stowage_version::VERSION);
     stowage_csi::logging::init(&args.log_format)?;
     let file = ConfigFile::load(&args.config)?;
     file.check_per_driver("--endpoint", &args.endpoint)

@@ -12,7 +12,7 @@ use stowage_node::health::Health;
 use stowage_node::registration::{Registration, Tracker};
 
 #[derive(Parser, Debug)]
-#[command(version, about = "Stowage CSI node plugin (Identity + Node)")]
+#[command(version = stowage_version::VERSION, about = "Stowage CSI node plugin (Identity + Node)")]
 struct Args {
     /// Where to serve: unix:///path/csi.sock (or tcp://host:port, e.g. inside a test VM).
     /// `{driver}` is replaced by the driver name; required with several backends.
@@ -60,6 +60,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    stowage_csi::identity::set_vendor_version(stowage_version::VERSION);
     stowage_csi::logging::init(&args.log_format)?;
     anyhow::ensure!(
         !args.node_id.trim().is_empty(),

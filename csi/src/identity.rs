@@ -1,12 +1,28 @@
 //! The Identity service, the same for controller and node plugins.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use tonic::{Request, Response, Status};
 
 use crate::v1;
 use crate::v1::plugin_capability::{Service, VolumeExpansion, service, volume_expansion};
+
+/// What GetPluginInfo reports as vendor_version: set once by the binary at start (its
+/// `--version` line, with the git commit; see the stowage-version crate), else the crate
+/// version. Kept out of this library so a new commit does not rebuild it.
+static VENDOR_VERSION: OnceLock<String> = OnceLock::new();
+
+pub fn set_vendor_version(v: &str) {
+    let _ = VENDOR_VERSION.set(v.to_owned());
+}
+
+pub fn vendor_version() -> String {
+    VENDOR_VERSION
+        .get()
+        .cloned()
+        .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned())
+}
 
 #[derive(Clone)]
 pub struct IdentityService {
@@ -57,7 +73,7 @@ impl v1::identity_server::Identity for IdentityService {
     ) -> Result<Response<v1::GetPluginInfoResponse>, Status> {
         Ok(Response::new(v1::GetPluginInfoResponse {
             name: self.driver.clone(),
-            vendor_version: env!("CARGO_PKG_VERSION").to_string(),
+            vendor_version: vendor_version(),
             manifest: Default::default(),
         }))
     }

@@ -13,7 +13,7 @@ use stowage_docker::{Driver, Scope, Settings};
 
 #[derive(Parser, Debug)]
 #[command(
-    version,
+    version = stowage_version::VERSION,
     about = "Stowage for Docker: volume plugin and Swarm cluster-volume CSI endpoint"
 )]
 struct Args {
@@ -224,6 +224,7 @@ async fn csi(args: CsiArgs) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    stowage_csi::identity::set_vendor_version(stowage_version::VERSION);
     stowage_csi::logging::init(&args.log_format)?;
     match args.cmd {
         Cmd::Serve(a) => serve(a).await,

@@ -25,7 +25,7 @@ use stowage_provisioner::metrics::Metrics;
 
 #[derive(Parser, Debug)]
 #[command(
-    version,
+    version = stowage_version::VERSION,
     about = "Stowage Kubernetes provisioner: provisions, binds and reclaims (Delete, Retain, Recycle), attaches and resizes volumes of a Stowage CSI driver"
 )]
 struct Cli {
@@ -39,7 +39,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// List the driver's volumes that have no PV and create PVs for the chosen ones.
+    /// Deprecated: use `stowage import`. List the driver's volumes that have no PV and create
+    /// PVs for the chosen ones.
     Import(ImportArgs),
     /// Print the snapshot.storage.k8s.io CRDs (VolumeSnapshot, VolumeSnapshotContent,
     /// VolumeSnapshotClass) as YAML for kubectl apply.
@@ -238,6 +239,9 @@ async fn main() -> anyhow::Result<()> {
     let client = stowage_provisioner::client::client(rate).await?;
     match cli.cmd {
         Some(Cmd::Import(a)) => {
+            eprintln!(
+                "stowage-provisioner import is deprecated and will be removed: use `stowage import` (same flags)"
+            );
             let [endpoint] = endpoints.as_slice() else {
                 anyhow::bail!(
                     "import: --csi-endpoint names {} sockets; import works on one driver at a time",

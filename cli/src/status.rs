@@ -1,0 +1,209 @@
+//! `stowage status`: lists what [`crate::explain`] needs and prints its report.
+
+use std::io::Write;
+
+use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::ListParams;
+use kube::{Api, Client};
+
+use crate::explain::{self, Inputs, Report, human_age};
+use crate::output::{self, Format, OutputError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error("listing {what}: {source}")]
+    List {
+        what: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(transparent)]
+    Output(#[from] OutputError),
+}
+
+pub struct StatusOptions {
+    /// Only claims of this namespace (PVs are cluster-wide and always listed).
+    pub namespace: Option<String>,
+    pub pending_after_secs: i64,
+}
+
+async fn list<K>(api: Api<K>, what: &'static str, lp: &ListParams) -> Result<Vec<K>, StatusError>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    Ok(api
+        .list(lp)
+        .await
+        .map_err(|source| StatusError::List { what, source })?
+        .items)
+}
+
+/// Reads the cluster and explains it.
+pub async fn gather(client: &Client, opts: &StatusOptions) -> Result<Report, StatusError> {
+    let all = ListParams::default();
+    let pvs = list(
+        Api::<PersistentVolume>::all(client.clone()),
+        "PersistentVolumes",
+        &all,
+    )
+    .await?;
+    let (claims_api, events_api): (Api<PersistentVolumeClaim>, Api<Event>) = match &opts.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let claims = list(claims_api, "PersistentVolumeClaims", &all).await?;
+    let classes = list(
+        Api::<StorageClass>::all(client.clone()),
+        "StorageClasses",
+        &all,
+    )
+    .await?;
+    let attachments = list(
+        Api::<VolumeAttachment>::all(client.clone()),
+        "VolumeAttachments",
+        &all,
+    )
+    .await?;
+    // Only the events about claims and PVs; PV events live in the default namespace, which a
+    // namespaced listing of claims' events does not cover.
+    let mut events = list(
+        events_api,
+        "Events",
+        &ListParams::default().fields("involvedObject.kind=PersistentVolumeClaim"),
+    )
+    .await?;
+    events.extend(
+        list(
+            Api::<Event>::all(client.clone()),
+            "Events",
+            &ListParams::default().fields("involvedObject.kind=PersistentVolume"),
+        )
+        .await?,
+    );
+    Ok(explain::explain(&Inputs {
+        pvs: &pvs,
+        claims: &claims,
+        classes: &classes,
+        attachments: &attachments,
+        events: &events,
+        now: Timestamp::now(),
+        pending_after_secs: opts.pending_after_secs,
+    }))
+}
+
+pub fn print(out: &mut dyn Write, format: Format, r: &Report) -> Result<(), OutputError> {
+    if matches!(format, Format::Json | Format::Yaml) {
+        return output::structured(out, format, r);
+    }
+    let wide = format == Format::Wide;
+    if r.volumes.is_empty() && r.claims.is_empty() {
+        writeln!(out, "No Stowage volumes or claims.")?;
+    }
+    if !r.volumes.is_empty() {
+        let mut header = vec![
+            "VOLUME", "PHASE", "BACKEND", "CLASS", "CAPACITY", "CLAIM", "ATTACH", "AGE",
+        ];
+        if wide {
+            header.extend(["ACCESS MODES", "RECLAIM", "NODE", "HANDLE"]);
+        }
+        let rows: Vec<Vec<String>> = r
+            .volumes
+            .iter()
+            .map(|v| {
+                let mut row = vec![
+                    v.name.clone(),
+                    v.phase.clone(),
+                    v.backend.clone(),
+                    dash(&v.class),
+                    dash(&v.capacity),
+                    dash(&v.claim),
+                    v.attach.clone(),
+                    human_age(v.age_seconds),
+                ];
+                if wide {
+                    row.extend([
+                        dash(&v.access_modes.join(",")),
+                        v.reclaim_policy.clone(),
+                        dash(&v.node),
+                        dash(&v.volume_handle),
+                    ]);
+                }
+                row
+            })
+            .collect();
+        output::table(out, &header, &rows)?;
+    }
+    if !r.claims.is_empty() {
+        if !r.volumes.is_empty() {
+            writeln!(out)?;
+        }
+        let mut header = vec![
+            "NAMESPACE",
+            "CLAIM",
+            "PHASE",
+            "VOLUME",
+            "BACKEND",
+            "CLASS",
+            "CAPACITY",
+            "AGE",
+        ];
+        if wide {
+            header.extend(["ACCESS MODES", "DRIVER"]);
+        }
+        let rows: Vec<Vec<String>> = r
+            .claims
+            .iter()
+            .map(|c| {
+                let mut row = vec![
+                    c.namespace.clone(),
+                    c.name.clone(),
+                    c.phase.clone(),
+                    dash(&c.volume),
+                    c.backend.clone(),
+                    dash(&c.class),
+                    dash(&c.capacity),
+                    human_age(c.age_seconds),
+                ];
+                if wide {
+                    row.extend([dash(&c.access_modes.join(",")), c.driver.clone()]);
+                }
+                row
+            })
+            .collect();
+        output::table(out, &header, &rows)?;
+    }
+    if !r.problems.is_empty() {
+        writeln!(out, "\nSTUCK ({}):", r.problems.len())?;
+        for p in &r.problems {
+            let name = if p.namespace.is_empty() {
+                p.name.clone()
+            } else {
+                format!("{}/{}", p.namespace, p.name)
+            };
+            writeln!(
+                out,
+                "  {} {} {} for {}: {}",
+                p.kind,
+                name,
+                p.state,
+                human_age(p.age_seconds),
+                p.reason
+            )?;
+            writeln!(out, "    fix: {}", p.hint)?;
+        }
+    }
+    Ok(())
+}
+
+fn dash(s: &str) -> String {
+    if s.is_empty() {
+        "-".into()
+    } else {
+        s.to_owned()
+    }
+}
