@@ -3,8 +3,8 @@
 //! bumps the count of the existing event instead of creating a new one, so a retry loop with
 //! backoff cannot flood the API server.
 //!
-//! As with client-go's broadcaster, publishing only queues: one task writes the events in
-//! order, so a sync never waits for an event write, and when the queue is full (an API server
+//! As with client-go's broadcaster, publishing only queues: one task writes the events (a
+//! few at a time), so a sync never waits for an event write, and when the queue is full (an API server
 //! that cannot keep up) events are dropped, not the work they report on.
 
 use std::collections::HashMap;
@@ -25,6 +25,9 @@ const AGGREGATE_FOR: Duration = Duration::from_secs(600);
 const MAX_CACHED: usize = 4096;
 /// Events waiting to be written (client-go's broadcaster queues 1000).
 const QUEUE: usize = 1000;
+/// Event writes in flight: one at a time cannot keep up with a burst of claims when each
+/// write takes tens of milliseconds on a busy API server.
+const WRITERS: usize = 8;
 
 struct Seen {
     name: String,
@@ -58,13 +61,17 @@ impl Recorder {
             host: host.into(),
             seen: Mutex::new(HashMap::new()),
         };
-        let (queue, mut rx) = mpsc::channel::<(ObjectReference, Note)>(QUEUE);
+        let (queue, rx) = mpsc::channel::<(ObjectReference, Note)>(QUEUE);
         tokio::spawn(async move {
-            while let Some((regarding, note)) = rx.recv().await {
-                if let Err(e) = sink.try_publish(&regarding, &note).await {
-                    tracing::warn!(error = %e, reason = note.reason, object = ?regarding.name, "could not write event");
-                }
-            }
+            use futures::StreamExt;
+            let sink = &sink;
+            tokio_stream::wrappers::ReceiverStream::new(rx)
+                .for_each_concurrent(WRITERS, |(regarding, note)| async move {
+                    if let Err(e) = sink.try_publish(&regarding, &note).await {
+                        tracing::warn!(error = %e, reason = note.reason, object = ?regarding.name, "could not write event");
+                    }
+                })
+                .await;
         });
         Recorder {
             queue,

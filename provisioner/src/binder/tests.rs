@@ -466,11 +466,9 @@ fn unmatched_claims_table() {
     let c = claim("c", 1, &[RWO], Some("gold"));
     assert_eq!(
         claim_sync(BUILTIN, &c, Some(&ours), &[]),
-        vec![
-            ClaimAction::Provision {
-                selected_node: None
-            },
-        ]
+        vec![ClaimAction::Provision {
+            selected_node: None
+        },]
     );
     // No Pending write before provisioning (the claim is bound in the same sync); a failed
     // provisioning marks it Pending, once.
