@@ -178,6 +178,13 @@ impl Config {
     /// What serde cannot check: at least one instance, and instance names that fit in a
     /// volume ID. The error starts with the field it names.
     fn validate(&self) -> std::result::Result<(), String> {
+        if !self.built_in() {
+            let kind = self.kind();
+            return Err(format!(
+                "backend: {kind}: this build of Stowage has no {kind} support (built without \
+                 cargo feature {kind:?}; the default build has every backend)"
+            ));
+        }
         let names: Vec<&String> = match self {
             Config::Local(i) => i.instances.keys().collect(),
             Config::Nfs(i) => i.instances.keys().collect(),
@@ -207,6 +214,28 @@ impl Config {
             Config::S3(_) => true,
             // RBD snapshots.
             Config::Rbd(_) => true,
+        }
+    }
+
+    /// The `backend:` value.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Config::Local(_) => "local",
+            Config::Nfs(_) => "nfs",
+            Config::S3(_) => "s3",
+            Config::Glusterfs(_) => "glusterfs",
+            Config::Rbd(_) => "rbd",
+        }
+    }
+
+    /// Whether this binary was built with the backend (its cargo feature, all on by default).
+    pub fn built_in(&self) -> bool {
+        match self {
+            Config::Local(_) => cfg!(feature = "local"),
+            Config::Nfs(_) => cfg!(feature = "nfs"),
+            Config::S3(_) => cfg!(feature = "s3"),
+            Config::Glusterfs(_) => cfg!(feature = "glusterfs"),
+            Config::Rbd(_) => cfg!(feature = "rbd"),
         }
     }
 

@@ -38,14 +38,30 @@ pub use error::{Error, Result};
 pub use node::{NodeBackend, NodeFeatures, PublishRequest, StageRequest};
 pub use types::*;
 
+/// Why a configured backend cannot run in this binary (its cargo feature was off at build).
+/// Config::validate refuses such a configuration already; this covers a Config made in code.
+#[allow(dead_code)]
+fn not_built(config: &Config) -> String {
+    format!(
+        "backend {}: this build of Stowage has no {} support (built without cargo feature {:?})",
+        config.kind(),
+        config.kind(),
+        config.kind()
+    )
+}
+
 /// The controller side of the backend a configuration names.
 pub async fn build_controller(config: &Config) -> Result<Arc<dyn ControllerBackend>> {
     Ok(match config {
         Config::Local(c) => Arc::new(local::controller(&c.instances).await?),
         Config::Nfs(c) => Arc::new(nfs::controller(&c.instances).await?),
+        #[cfg(feature = "s3")]
         Config::S3(c) => Arc::new(s3::controller(c)?),
         Config::Glusterfs(c) => glusterfs::controller(c).await?,
+        #[cfg(feature = "rbd")]
         Config::Rbd(c) => Arc::new(rbd::RbdController::new(&c.instances)?),
+        #[allow(unreachable_patterns)]
+        other => return Err(Error::FailedPrecondition(not_built(other))),
     })
 }
 
@@ -54,8 +70,15 @@ pub fn build_node(config: &Config) -> Arc<dyn NodeBackend> {
     match config {
         Config::Local(c) => Arc::new(local::LocalNode::new(&c.instances)),
         Config::Nfs(_) => Arc::new(nfs::NfsNode),
+        #[cfg(feature = "s3")]
         Config::S3(c) => Arc::new(s3::S3Node::new(c)),
         Config::Glusterfs(c) => Arc::new(glusterfs::GlusterNode::new(&c.instances)),
+        #[cfg(feature = "rbd")]
         Config::Rbd(c) => Arc::new(rbd::RbdNode::new(&c.instances)),
+        #[allow(unreachable_patterns)]
+        other => Arc::new(node::NotBuilt {
+            driver: other.driver_name(),
+            why: not_built(other),
+        }),
     }
 }

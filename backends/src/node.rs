@@ -65,3 +65,30 @@ pub trait NodeBackend: Send + Sync + 'static {
         Ok(capacity_bytes)
     }
 }
+
+/// The node side of a backend this binary was built without (see `build_node`): every call
+/// fails with FAILED_PRECONDITION naming the missing cargo feature. Config::validate refuses
+/// such a configuration first, so only a Config made in code gets here.
+pub struct NotBuilt {
+    pub driver: &'static str,
+    pub why: String,
+}
+
+#[async_trait]
+impl NodeBackend for NotBuilt {
+    fn driver_name(&self) -> &'static str {
+        self.driver
+    }
+
+    fn features(&self) -> NodeFeatures {
+        NodeFeatures::default()
+    }
+
+    async fn stage(&self, _: &StageRequest) -> Result<()> {
+        Err(crate::Error::FailedPrecondition(self.why.clone()))
+    }
+
+    async fn unstage(&self, _: &str, _: &Path) -> Result<()> {
+        Err(crate::Error::FailedPrecondition(self.why.clone()))
+    }
+}

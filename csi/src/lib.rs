@@ -27,6 +27,7 @@ pub mod endpoint;
 pub mod identity;
 pub mod logging;
 pub mod redact;
+pub mod runtime;
 pub mod serve;
 pub mod validate;
 

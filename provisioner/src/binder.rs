@@ -399,6 +399,12 @@ fn kcm_claim(p: Policy<'_>, input: &ClaimInput<'_>) -> Vec<ClaimAction> {
     }]
 }
 
+/// After a Provision action failed: the claim shows Pending (the API server creates claims
+/// with no phase), as it would have without the provisioning attempt.
+pub fn pending_after_failed_provision(claim: &PersistentVolumeClaim) -> Vec<ClaimAction> {
+    claim_phase(claim, ClaimPhase::Pending)
+}
+
 fn claim_phase(claim: &PersistentVolumeClaim, phase: ClaimPhase) -> Vec<ClaimAction> {
     let status = claim.status.as_ref();
     let dirty = ClaimPhase::of(claim) != Some(phase)
@@ -466,12 +472,16 @@ fn unbound_claim(p: Policy<'_>, input: &ClaimInput<'_>) -> Vec<ClaimAction> {
                     format!("storageclass.storage.k8s.io {class_name:?} not found"),
                 ))),
                 Some(class) => {
-                    if storage_provisioner(claim) != Some(class.provisioner.as_str()) {
+                    // Another provisioner learns from this annotation that the claim is its
+                    // job. Our own claims get it with the bind write instead ([`bind_claim`]),
+                    // which saves a write per claim on the provisioning path.
+                    let ours = class.provisioner == p.driver;
+                    if !ours && storage_provisioner(claim) != Some(class.provisioner.as_str()) {
                         out.push(ClaimAction::AnnotateProvisioner {
                             provisioner: class.provisioner.clone(),
                         });
                     }
-                    if class.provisioner == p.driver {
+                    if ours {
                         if claim.metadata.deletion_timestamp.is_none() {
                             out.push(ClaimAction::Provision {
                                 selected_node: selected_node(claim),
@@ -494,7 +504,15 @@ fn unbound_claim(p: Policy<'_>, input: &ClaimInput<'_>) -> Vec<ClaimAction> {
                 "no persistent volumes available for this claim and no storage class is set",
             )));
         }
-        out.extend(claim_phase(claim, ClaimPhase::Pending));
+        // A claim we provision now is bound in the same sync (the controller binds the new
+        // volume right away), so writing Pending first would be a write for nothing; a failed
+        // provisioning writes it then ([`pending_after_failed_provision`]).
+        if !out
+            .iter()
+            .any(|a| matches!(a, ClaimAction::Provision { .. }))
+        {
+            out.extend(claim_phase(claim, ClaimPhase::Pending));
+        }
         return out;
     }
     // The user asked for a specific volume.
@@ -615,7 +633,24 @@ pub fn bind_claim(claim: &mut PersistentVolumeClaim, pv: &PersistentVolume) -> b
         o::set_annotation(&mut claim.metadata, ANN_BIND_COMPLETED, "yes");
         dirty = true;
     }
+    // A volume provisioned for this very claim (named after its UID): the claim carries the
+    // provisioner annotations KCM would have written before provisioning (see unbound_claim).
+    if let Some(by) = provisioned_for(pv, claim)
+        && storage_provisioner(claim) != Some(by)
+    {
+        o::set_annotation(&mut claim.metadata, ANN_STORAGE_PROVISIONER, by);
+        o::set_annotation(&mut claim.metadata, ANN_BETA_STORAGE_PROVISIONER, by);
+        dirty = true;
+    }
     dirty
+}
+
+/// The provisioner that made `pv` for `claim` (dynamically, named `pvc-<claim uid>`).
+fn provisioned_for<'a>(pv: &'a PersistentVolume, claim: &PersistentVolumeClaim) -> Option<&'a str> {
+    let by = o::annotation(&pv.metadata, ANN_PROVISIONED_BY)?;
+    let for_claim = o::name(&pv.metadata) == o::pv_name_for(claim)
+        && claim_ref(pv).and_then(|r| r.uid.as_deref()) == claim.metadata.uid.as_deref();
+    for_claim.then_some(by)
 }
 
 /// The status a claim gets in `phase`; Bound carries the volume's access modes (and its

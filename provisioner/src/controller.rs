@@ -30,6 +30,7 @@ use tracing::{Instrument, info_span};
 use crate::binder::{self, BinderMode, ClaimAction, ClaimInput, Note, Policy, VolumeAction};
 use crate::driver::{Driver, DriverError};
 use crate::events::Recorder;
+use crate::fresh::Fresh;
 use crate::metrics::Metrics;
 use crate::objects::{
     self as o, ANN_BETA_STORAGE_PROVISIONER, ANN_BIND_COMPLETED, ANN_DELETION_SECRET_NAME,
@@ -105,6 +106,9 @@ pub struct Ctx {
     claims: Store<PersistentVolumeClaim>,
     volumes: Store<PersistentVolume>,
     classes: Store<StorageClass>,
+    /// Our writes, newer than the caches until the watches deliver them.
+    fresh_claims: Fresh<PersistentVolumeClaim>,
+    fresh_volumes: Fresh<PersistentVolume>,
     recorder: Recorder,
     metrics: Arc<Metrics>,
     failures: std::sync::Mutex<HashMap<String, u32>>,
@@ -150,6 +154,19 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Counts a finished sync (whatever its outcome) when dropped.
+struct Counted<'a>(&'a Ctx, &'static str);
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0
+            .metrics
+            .syncs
+            .get_or_create(&crate::metrics::SyncLabels { kind: self.1 })
+            .inc();
     }
 }
 
@@ -296,6 +313,7 @@ impl ClaimRun<'_> {
                         .await
                         .map_err(Error::api(format!("binding volume {volume}")))?;
                     tracing::info!(volume = %volume, "volume bound to claim");
+                    self.ctx.fresh_volumes.remember(&pv);
                     self.written.insert(volume, pv);
                 }
             }
@@ -306,6 +324,7 @@ impl ClaimRun<'_> {
                     .replace_status(&volume, &PostParams::default(), &pv)
                     .await
                     .map_err(Error::api(format!("setting phase of volume {volume}")))?;
+                self.ctx.fresh_volumes.remember(&pv);
                 self.written.insert(volume, pv);
             }
             ClaimAction::BindClaim { volume } => {
@@ -317,6 +336,7 @@ impl ClaimRun<'_> {
                         .replace(o::name(&c.metadata), &PostParams::default(), &c)
                         .await
                         .map_err(Error::api("binding claim"))?;
+                    self.ctx.fresh_claims.remember(&self.claim);
                     self.ctx.metrics.record("bind", true, None);
                     tracing::info!(volume = %volume, "claim bound");
                 }
@@ -333,6 +353,7 @@ impl ClaimRun<'_> {
                         "setting claim phase {}",
                         phase.as_str()
                     )))?;
+                self.ctx.fresh_claims.remember(&self.claim);
             }
             ClaimAction::AssignClass { class } => {
                 let mut c = self.claim.clone();
@@ -344,6 +365,7 @@ impl ClaimRun<'_> {
                     .replace(o::name(&c.metadata), &PostParams::default(), &c)
                     .await
                     .map_err(Error::api("assigning the default StorageClass"))?;
+                self.ctx.fresh_claims.remember(&self.claim);
                 tracing::info!(class = %class, "default StorageClass assigned to the claim");
             }
             ClaimAction::AnnotateProvisioner { provisioner } => {
@@ -355,10 +377,22 @@ impl ClaimRun<'_> {
                     .replace(o::name(&c.metadata), &PostParams::default(), &c)
                     .await
                     .map_err(Error::api("annotating claim"))?;
+                self.ctx.fresh_claims.remember(&self.claim);
             }
             ClaimAction::Provision { selected_node } => {
-                self.provisioned =
-                    provision(self.ctx, &self.claim, selected_node.as_deref()).await?;
+                match provision(self.ctx, &self.claim, selected_node.as_deref()).await {
+                    Ok(pv) => self.provisioned = pv,
+                    Err(e) => {
+                        if self.ctx.settings.mode == BinderMode::Builtin {
+                            for a in binder::pending_after_failed_provision(&self.claim) {
+                                if let Err(pe) = Box::pin(self.apply(a)).await {
+                                    tracing::warn!(error = %pe, "could not mark the claim Pending");
+                                }
+                            }
+                        }
+                        return Err(e);
+                    }
+                }
             }
             ClaimAction::Event(note) => {
                 self.ctx.event(&claim_ref_of(&self.claim), &note).await;
@@ -373,11 +407,13 @@ async fn reconcile_claim(
     ctx: Arc<Ctx>,
 ) -> Result<Action, Error> {
     let _running = Running::new(&ctx);
+    let _counted = Counted(&ctx, "claim");
     let key = format!("pvc/{}", o::claim_key(&claim));
     let span =
         info_span!("claim", claim = %o::claim_key(&claim), volume_id = tracing::field::Empty);
     async {
         ctx.ready().await?;
+        let claim = ctx.fresh_claims.newest(claim);
         let class_name = o::claim_class(&claim);
         let class = (!class_name.is_empty())
             .then(|| ctx.classes.get(&ObjectRef::new(class_name)))
@@ -397,11 +433,17 @@ async fn reconcile_claim(
             }
             _ => None,
         };
+        let written = ctx
+            .fresh_volumes
+            .newer_than(|name| ctx.volumes.get(&ObjectRef::new(name)))
+            .into_iter()
+            .map(|pv| (o::name(&pv.metadata).to_owned(), (*pv).clone()))
+            .collect();
         let mut run = ClaimRun {
             ctx: &ctx,
             claim: (*claim).clone(),
             cached: ctx.volumes.state(),
-            written: HashMap::new(),
+            written,
             provisioned: None,
             pv_api: Api::all(ctx.client.clone()),
             pvc_api: Api::namespaced(ctx.client.clone(), o::namespace(&claim.metadata)),
@@ -525,7 +567,7 @@ async fn provision(
     // volume we made is found here; after a restart, CreateVolume (idempotent by name) and the
     // PV's AlreadyExists cover what the cache has not shown yet.
     if let Some(pv) = ctx.volumes.get(&ObjectRef::new(&pv_name)) {
-        return Ok(Some((*pv).clone()));
+        return Ok(Some((*ctx.fresh_volumes.newest(pv)).clone()));
     }
     let uid = o::uid(&claim.metadata).to_owned();
     let started = *ctx
@@ -544,18 +586,6 @@ async fn provision(
                 "storageclass.storage.k8s.io {class_name:?} not found"
             ))
         })?;
-    ctx.event(
-        &cref,
-        &Note::normal(
-            "Provisioning",
-            format!(
-                "External provisioner is provisioning volume for claim {:?}",
-                o::claim_key(claim)
-            ),
-        ),
-    )
-    .await;
-
     let fail = |e: Error| async {
         ctx.metrics.record("provision", false, None);
         ctx.event(
@@ -597,7 +627,28 @@ async fn provision(
             Err(e) => return Err(fail(e).await),
         }
     }
-    let created = match ctx.driver.create_volume(request).await {
+    // "Provisioning" tells whoever watches a slow CreateVolume that it is under way; one that
+    // finishes sooner gets only its outcome, which saves an event write per claim.
+    let create = ctx.driver.create_volume(request);
+    tokio::pin!(create);
+    let created = tokio::select! {
+        r = &mut create => r,
+        () = tokio::time::sleep(PROVISIONING_EVENT_AFTER) => {
+            ctx.event(
+                &cref,
+                &Note::normal(
+                    "Provisioning",
+                    format!(
+                        "External provisioner is provisioning volume for claim {:?}",
+                        o::claim_key(claim)
+                    ),
+                ),
+            )
+            .await;
+            create.await
+        }
+    };
+    let created = match created {
         Ok(v) => v,
         Err(e) => return Err(fail(e.into()).await),
     };
@@ -614,6 +665,7 @@ async fn provision(
         }
         Err(e) => return Err(fail(Error::api(format!("saving volume {pv_name}"))(e)).await),
     };
+    ctx.fresh_volumes.remember(&pv);
     ctx.started.lock().await.remove(&uid);
     ctx.metrics
         .record("provision", true, Some(started.elapsed()));
@@ -699,6 +751,7 @@ impl VolumeRun<'_> {
             .await
         {
             Ok(pv) => {
+                self.ctx.fresh_volumes.remember(&pv);
                 self.pv = pv;
                 Ok(())
             }
@@ -724,7 +777,10 @@ impl VolumeRun<'_> {
                     .replace_status(&name, &PostParams::default(), &pv)
                     .await
                 {
-                    Ok(pv) => self.pv = pv,
+                    Ok(pv) => {
+                        ctx.fresh_volumes.remember(&pv);
+                        self.pv = pv;
+                    }
                     Err(e) if is_not_found(&e) => self.gone = true,
                     Err(e) => return Err(Error::api(format!("setting phase of volume {name}"))(e)),
                 }
@@ -790,8 +846,14 @@ impl VolumeRun<'_> {
                 match self.api.delete(&name, &dp).await {
                     // Left: the object still exists (finalizers hold it); Right: it is gone.
                     Ok(res) => match res.left() {
-                        Some(pv) => self.pv = pv,
-                        None => self.gone = true,
+                        Some(pv) => {
+                            ctx.fresh_volumes.remember(&pv);
+                            self.pv = pv;
+                        }
+                        None => {
+                            ctx.fresh_volumes.forget("", &name);
+                            self.gone = true;
+                        }
                     },
                     Err(e) if is_not_found(&e) => self.gone = true,
                     Err(e) => return Err(Error::api(format!("deleting volume {name}"))(e)),
@@ -935,12 +997,14 @@ impl VolumeRun<'_> {
 async fn reconcile_volume(pv: Arc<PersistentVolume>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let name = o::name(&pv.metadata).to_owned();
     let _running = Running::new(&ctx);
+    let _counted = Counted(&ctx, "volume");
     let key = format!("pv/{name}");
     let span =
         info_span!("volume", volume = %name, volume_id = o::volume_handle(&pv).unwrap_or(""));
     async {
         ctx.ready().await?;
-        let mut claim = cached_claim(&ctx, &pv).map(|c| (*c).clone());
+        let pv = ctx.fresh_volumes.newest(pv);
+        let mut claim = cached_claim(&ctx, &pv).map(|c| (*ctx.fresh_claims.newest(c)).clone());
         let mut actions = binder::sync_volume(ctx.policy(), &pv, claim.as_ref());
         // KCM's double check: a claim missing from the cache may be one the cache has not
         // seen yet (a volume pre-bound by someone else); ask the API before releasing.
@@ -1071,6 +1135,8 @@ pub async fn run(
         claims: claim_reader,
         volumes: volume_reader,
         classes: class_reader,
+        fresh_claims: Fresh::default(),
+        fresh_volumes: Fresh::default(),
         metrics,
         failures: Default::default(),
         started: Default::default(),
@@ -1160,6 +1226,9 @@ where
         feed,
     )
 }
+
+/// A CreateVolume still running after this long gets a "Provisioning" event.
+const PROVISIONING_EVENT_AFTER: Duration = Duration::from_secs(1);
 
 /// How long running syncs may take to finish at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);

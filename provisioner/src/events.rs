@@ -2,8 +2,14 @@
 //! client-go's aggregation: the same reason and message on the same object within ten minutes
 //! bumps the count of the existing event instead of creating a new one, so a retry loop with
 //! backoff cannot flood the API server.
+//!
+//! As with client-go's broadcaster, publishing only queues: one task writes the events (a
+//! few at a time), so a sync never waits for an event write, and when the queue is full (an API server
+//! that cannot keep up) events are dropped, not the work they report on.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Event, EventSource, ObjectReference};
@@ -11,12 +17,17 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, Time
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, Client};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
 
 use crate::binder::Note;
 
 const AGGREGATE_FOR: Duration = Duration::from_secs(600);
 const MAX_CACHED: usize = 4096;
+/// Events waiting to be written (client-go's broadcaster queues 1000).
+const QUEUE: usize = 1000;
+/// Event writes in flight: one at a time cannot keep up with a burst of claims when each
+/// write takes tens of milliseconds on a busy API server.
+const WRITERS: usize = 8;
 
 struct Seen {
     name: String,
@@ -29,6 +40,12 @@ struct Seen {
 type Key = (String, bool, &'static str, String);
 
 pub struct Recorder {
+    queue: mpsc::Sender<(ObjectReference, Note)>,
+    dropped: Arc<AtomicU64>,
+}
+
+/// Writes the queued events (one at a time, in order).
+struct Sink {
     client: Client,
     component: String,
     host: String,
@@ -36,23 +53,47 @@ pub struct Recorder {
 }
 
 impl Recorder {
+    /// Starts the writer task (needs a tokio runtime); it ends when the recorder is dropped.
     pub fn new(client: Client, component: impl Into<String>, host: impl Into<String>) -> Self {
-        Recorder {
+        let sink = Sink {
             client,
             component: component.into(),
             host: host.into(),
             seen: Mutex::new(HashMap::new()),
+        };
+        let (queue, rx) = mpsc::channel::<(ObjectReference, Note)>(QUEUE);
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            let sink = &sink;
+            tokio_stream::wrappers::ReceiverStream::new(rx)
+                .for_each_concurrent(WRITERS, |(regarding, note)| async move {
+                    if let Err(e) = sink.try_publish(&regarding, &note).await {
+                        tracing::warn!(error = %e, reason = note.reason, object = ?regarding.name, "could not write event");
+                    }
+                })
+                .await;
+        });
+        Recorder {
+            queue,
+            dropped: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// Publishes `note` about `regarding`. Failures are logged, never returned: an event that
-    /// could not be written must not stop the operation it reports on.
+    /// Queues `note` about `regarding`. Never fails and never waits: an event that could not
+    /// be written must not stop or slow the operation it reports on.
     pub async fn publish(&self, regarding: &ObjectReference, note: &Note) {
-        if let Err(e) = self.try_publish(regarding, note).await {
-            tracing::warn!(error = %e, reason = note.reason, object = ?regarding.name, "could not write event");
+        if self
+            .queue
+            .try_send((regarding.clone(), note.clone()))
+            .is_err()
+        {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(reason = note.reason, object = ?regarding.name, dropped = n, "event queue full; event dropped");
         }
     }
+}
 
+impl Sink {
     async fn try_publish(
         &self,
         regarding: &ObjectReference,

@@ -19,6 +19,7 @@ pub mod controller;
 pub mod driver;
 pub mod duties;
 pub mod events;
+pub mod fresh;
 pub mod import;
 pub mod metrics;
 pub mod objects;

@@ -26,6 +26,12 @@ pub struct OpLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncLabels {
+    /// claim | volume
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DurationLabels {
     pub operation: &'static str,
 }
@@ -35,6 +41,9 @@ pub struct Metrics {
     pub operations: Family<OpLabels, Counter>,
     pub durations: Family<DurationLabels, Histogram>,
     pub leader: Gauge<i64, AtomicI64>,
+    /// Finished syncs of the claim and volume controllers (the bench times a full resync
+    /// with it).
+    pub syncs: Family<SyncLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -69,11 +78,18 @@ impl Metrics {
             "Drivers whose leader lease this replica holds (1 while it leads, with one driver)",
             leader.clone(),
         );
+        let syncs = Family::<SyncLabels, Counter>::default();
+        registry.register(
+            "syncs",
+            "Finished syncs (reconciles) of claims and volumes, successful or not",
+            syncs.clone(),
+        );
         Metrics {
             registry,
             operations,
             durations,
             leader,
+            syncs,
         }
     }
 
@@ -141,7 +157,12 @@ mod tests {
         m.record("provision", true, Some(Duration::from_millis(30)));
         m.record("provision", false, None);
         m.leader.set(1);
+        m.syncs.get_or_create(&SyncLabels { kind: "claim" }).inc();
         let text = m.encode().unwrap();
+        assert!(
+            text.contains(r#"stowage_provisioner_syncs_total{kind="claim"} 1"#),
+            "{text}"
+        );
         assert!(
             text.contains(
                 r#"stowage_provisioner_operations_total{operation="provision",result="success"} 1"#

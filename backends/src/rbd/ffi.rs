@@ -26,11 +26,10 @@ type rados_write_op_t = *mut c_void;
 type rbd_image_t = *mut c_void;
 type rbd_image_options_t = *mut c_void;
 
-pub const FEATURE_LAYERING: u64 = 1 << 0;
-pub const FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
-pub const FEATURE_OBJECT_MAP: u64 = 1 << 3;
-pub const FEATURE_FAST_DIFF: u64 = 1 << 4;
-pub const FEATURE_DEEP_FLATTEN: u64 = 1 << 5;
+pub use super::{
+    FEATURE_DEEP_FLATTEN, FEATURE_EXCLUSIVE_LOCK, FEATURE_FAST_DIFF, FEATURE_LAYERING,
+    FEATURE_OBJECT_MAP,
+};
 
 const OPT_FORMAT: c_int = 0;
 const OPT_FEATURES: c_int = 1;

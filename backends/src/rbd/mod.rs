@@ -28,23 +28,42 @@
 //! registration) use the instance's `keyringFile` when configured, else a connection an
 //! earlier call opened. One librados connection per cluster and user is opened and reused.
 
+// Everything that talks to Ceph (cargo feature "rbd"); the instance settings and their
+// checks below do not, so a build without it still explains a configured rbd backend.
+#[cfg(feature = "rbd")]
 pub mod controller;
+#[cfg(feature = "rbd")]
 pub mod ffi;
+#[cfg(feature = "rbd")]
 pub mod node;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+#[cfg(feature = "rbd")]
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+#[cfg(feature = "rbd")]
 use std::sync::{Arc, Mutex};
 
 use serde::Deserialize;
+#[cfg(feature = "rbd")]
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::types::Secrets;
+#[cfg(feature = "rbd")]
 use ffi::CephError;
 
+#[cfg(feature = "rbd")]
 pub use controller::RbdController;
+#[cfg(feature = "rbd")]
 pub use node::RbdNode;
+
+/// librbd's image feature bits (RBD_FEATURE_* in librbd.h).
+pub const FEATURE_LAYERING: u64 = 1 << 0;
+pub const FEATURE_EXCLUSIVE_LOCK: u64 = 1 << 2;
+pub const FEATURE_OBJECT_MAP: u64 = 1 << 3;
+pub const FEATURE_FAST_DIFF: u64 = 1 << 4;
+pub const FEATURE_DEEP_FLATTEN: u64 = 1 << 5;
 
 pub const DRIVER: &str = "rbd.stowage.io";
 
@@ -161,11 +180,11 @@ pub fn parse_features(field: &'static str, s: &str) -> Result<u64> {
     let mut bits = 0u64;
     for f in s.split(',').map(str::trim).filter(|f| !f.is_empty()) {
         bits |= match f {
-            "layering" => ffi::FEATURE_LAYERING,
-            "exclusive-lock" => ffi::FEATURE_EXCLUSIVE_LOCK,
-            "object-map" => ffi::FEATURE_OBJECT_MAP,
-            "fast-diff" => ffi::FEATURE_FAST_DIFF,
-            "deep-flatten" => ffi::FEATURE_DEEP_FLATTEN,
+            "layering" => FEATURE_LAYERING,
+            "exclusive-lock" => FEATURE_EXCLUSIVE_LOCK,
+            "object-map" => FEATURE_OBJECT_MAP,
+            "fast-diff" => FEATURE_FAST_DIFF,
+            "deep-flatten" => FEATURE_DEEP_FLATTEN,
             other => {
                 return Err(Error::invalid(
                     field,
@@ -176,22 +195,23 @@ pub fn parse_features(field: &'static str, s: &str) -> Result<u64> {
             }
         };
     }
-    if bits & ffi::FEATURE_LAYERING == 0 {
+    if bits & FEATURE_LAYERING == 0 {
         return Err(Error::invalid(
             field,
             "layering is required (snapshots restore and volumes clone through it)",
         ));
     }
     // librbd refuses these combinations with a bare EINVAL; say why instead.
-    if bits & ffi::FEATURE_OBJECT_MAP != 0 && bits & ffi::FEATURE_EXCLUSIVE_LOCK == 0 {
+    if bits & FEATURE_OBJECT_MAP != 0 && bits & FEATURE_EXCLUSIVE_LOCK == 0 {
         return Err(Error::invalid(field, "object-map needs exclusive-lock"));
     }
-    if bits & ffi::FEATURE_FAST_DIFF != 0 && bits & ffi::FEATURE_OBJECT_MAP == 0 {
+    if bits & FEATURE_FAST_DIFF != 0 && bits & FEATURE_OBJECT_MAP == 0 {
         return Err(Error::invalid(field, "fast-diff needs object-map"));
     }
     Ok(bits)
 }
 
+#[cfg(feature = "rbd")]
 pub(crate) fn hash_hex(s: &str, len: usize) -> String {
     let mut h = hex::encode(Sha256::digest(s.as_bytes()));
     h.truncate(len);
@@ -201,6 +221,7 @@ pub(crate) fn hash_hex(s: &str, len: usize) -> String {
 /// A name usable inside an image or snapshot name: the CSI name itself when it is short and
 /// plain, else a stable hash of it. Plain names never start with `h-`, so the two forms
 /// cannot collide.
+#[cfg(feature = "rbd")]
 pub(crate) fn name_part(name: &str) -> String {
     let plain = !name.is_empty()
         && name.len() <= 63
@@ -290,17 +311,20 @@ pub fn creds_for(inst: &RbdInstance, secrets: &Secrets) -> Result<Option<Creds>>
 }
 
 /// A pool handle that keeps its cluster connection alive (fields drop in order: pool first).
+#[cfg(feature = "rbd")]
 pub struct PoolRef {
     pub pool: ffi::Pool,
     _cluster: Arc<ffi::Cluster>,
 }
 
+#[cfg(feature = "rbd")]
 struct Conn {
     cluster: Arc<ffi::Cluster>,
     pools: Mutex<HashMap<String, Arc<PoolRef>>>,
 }
 
 /// Open connections, one per (monitors, user, key): reused by every call.
+#[cfg(feature = "rbd")]
 #[derive(Default)]
 pub struct Connections {
     conns: Mutex<HashMap<(String, String, String), Arc<Conn>>>,
@@ -310,6 +334,7 @@ pub struct Connections {
     connecting: tokio::sync::Mutex<()>,
 }
 
+#[cfg(feature = "rbd")]
 impl Connections {
     /// A pool on the cluster at `monitors`, connecting (bounded by `timeout`) when needed.
     pub async fn pool(
@@ -439,6 +464,7 @@ impl Connections {
 }
 
 /// Runs blocking librados/librbd work off the async threads.
+#[cfg(feature = "rbd")]
 pub async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
@@ -448,6 +474,7 @@ pub async fn blocking<T: Send + 'static>(
 }
 
 /// Maps a librados/librbd failure onto the error kinds callers act on.
+#[cfg(feature = "rbd")]
 pub fn ceph_err(e: CephError, doing: &str) -> Error {
     let msg = format!("{doing} {e}");
     match &e {
@@ -522,6 +549,7 @@ pub fn check_pool_name(field: &'static str, p: &str) -> Result<()> {
 }
 
 /// Parameters shared by controller and node: pool names in IDs, instances by name.
+#[cfg(feature = "rbd")]
 pub(crate) fn instance_map(
     instances: &BTreeMap<String, RbdInstance>,
 ) -> Result<BTreeMap<String, RbdInstance>> {
@@ -539,7 +567,7 @@ mod tests {
     fn features_parse_and_refuse() {
         assert_eq!(
             parse_features("f", "layering,exclusive-lock").unwrap(),
-            ffi::FEATURE_LAYERING | ffi::FEATURE_EXCLUSIVE_LOCK
+            FEATURE_LAYERING | FEATURE_EXCLUSIVE_LOCK
         );
         assert!(parse_features("f", "exclusive-lock").is_err());
         assert!(parse_features("f", "layering,object-map").is_err());

@@ -20,10 +20,15 @@
 //! Snapshots and clones are server-side copies (CopyObject, UploadPartCopy for big objects):
 //! no object data passes through the controller (`controller/snapshot.rs`).
 
+// The S3 API parts need the SDK (cargo feature "s3"); config, parameters and the FUSE
+// mounters do not.
+#[cfg(feature = "s3")]
 pub mod client;
 pub mod config;
+#[cfg(feature = "s3")]
 pub mod controller;
 pub mod mounter;
+#[cfg(feature = "s3")]
 pub mod node;
 
 use std::collections::BTreeMap;
@@ -35,9 +40,12 @@ use crate::params::{self, OnDelete};
 use crate::relpath::RelPath;
 use crate::volume_id::VolumeId;
 
+#[cfg(feature = "s3")]
 pub use aws_sdk_s3;
 pub use config::{S3Config, S3Instance};
+#[cfg(feature = "s3")]
 pub use controller::{S3Controller, controller};
+#[cfg(feature = "s3")]
 pub use node::S3Node;
 
 pub const DRIVER: &str = "s3.stowage.io";

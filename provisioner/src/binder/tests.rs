@@ -461,23 +461,27 @@ fn unmatched_claims_table() {
     let theirs = class("ebs", "ebs.csi.aws.com", false);
     let wffc = class("late", DRIVER, true);
 
-    // Our class: annotate, provision, Pending.
+    // Our class: provision, Pending. No annotation write of its own: the provisioner
+    // annotation goes with the bind write (see provisioner_annotation_rides_on_the_bind).
     let c = claim("c", 1, &[RWO], Some("gold"));
     assert_eq!(
         claim_sync(BUILTIN, &c, Some(&ours), &[]),
-        vec![
-            ClaimAction::AnnotateProvisioner {
-                provisioner: DRIVER.into()
-            },
-            ClaimAction::Provision {
-                selected_node: None
-            },
-            ClaimAction::ClaimPhase {
-                phase: ClaimPhase::Pending,
-                volume: None
-            },
-        ]
+        vec![ClaimAction::Provision {
+            selected_node: None
+        },]
     );
+    // No Pending write before provisioning (the claim is bound in the same sync); a failed
+    // provisioning marks it Pending, once.
+    assert_eq!(
+        pending_after_failed_provision(&c),
+        vec![ClaimAction::ClaimPhase {
+            phase: ClaimPhase::Pending,
+            volume: None
+        }]
+    );
+    let mut pending = c.clone();
+    pending.status.get_or_insert_with(Default::default).phase = Some("Pending".into());
+    assert!(pending_after_failed_provision(&pending).is_empty());
     // Already annotated and Pending: only Provision.
     let mut c2 = annotate(c.clone(), ANN_STORAGE_PROVISIONER, DRIVER);
     c2.status.as_mut().unwrap().phase = Some("Pending".into());
@@ -554,6 +558,45 @@ fn unmatched_claims_table() {
     assert_eq!(
         reasons(&claim_sync(BUILTIN, &c, Some(&ours), &[])),
         vec!["FailedBinding"]
+    );
+}
+
+/// Builtin mode writes the claim once to bind it: volumeName, the binding annotations and,
+/// for a volume provisioned for this claim, the provisioner annotations KCM would have set.
+#[test]
+fn provisioner_annotation_rides_on_the_bind() {
+    let c = claim("c", 1, &[RWO], Some("gold"));
+    let mut pv = volume(&o::pv_name_for(&c), 1, &[RWO], "gold");
+    pv.spec.as_mut().unwrap().claim_ref = Some(claim_reference(&c));
+    let pv = provisioned(pv, "Delete");
+    let mut bound = c.clone();
+    assert!(bind_claim(&mut bound, &pv));
+    for ann in [ANN_STORAGE_PROVISIONER, ANN_BETA_STORAGE_PROVISIONER] {
+        assert_eq!(o::annotation(&bound.metadata, ann), Some(DRIVER), "{ann}");
+    }
+    assert_eq!(o::claim_volume_name(&bound), o::name(&pv.metadata));
+    // Once written, binding again changes nothing (no write on resync).
+    assert!(!bind_claim(&mut bound.clone(), &pv));
+
+    // A static volume (not named after the claim) gets no provisioner annotation.
+    let mut stat = volume("static", 1, &[RWO], "gold");
+    stat.spec.as_mut().unwrap().claim_ref = Some(claim_reference(&c));
+    let stat = provisioned(stat, "Delete");
+    let mut bound = c.clone();
+    assert!(bind_claim(&mut bound, &stat));
+    assert_eq!(
+        o::annotation(&bound.metadata, ANN_STORAGE_PROVISIONER),
+        None
+    );
+
+    // A volume named after the claim but bound to an older claim of that name: none either.
+    let mut other = pv.clone();
+    other.spec.as_mut().unwrap().claim_ref.as_mut().unwrap().uid = Some("older".into());
+    let mut bound = c.clone();
+    bind_claim(&mut bound, &other);
+    assert_eq!(
+        o::annotation(&bound.metadata, ANN_STORAGE_PROVISIONER),
+        None
     );
 }
 
