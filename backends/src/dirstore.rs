@@ -41,6 +41,14 @@ pub const DEFAULT_CAPACITY: u64 = 1 << 30;
 
 const META_DIR: &str = ".stowage";
 
+/// A kind of leftover of a killed call, see `DirBackend::purge_leftovers`.
+enum Leftover {
+    /// Entries `<key>.<uuid>` of a `.stowage` directory (`tmp`, `trash`).
+    Tree(&'static str),
+    /// `.stowage/volumes/.<key>.json.tmp-<uuid>`: an atomic metadata write cut short.
+    MetaTemp,
+}
+
 /// Per-instance settings.
 #[derive(Debug, Clone, Default)]
 pub struct DirOptions {
@@ -359,13 +367,7 @@ impl<F: Fs> DirBackend<F> {
     ) -> Result<()> {
         let fs = &inst.fs;
         // Leftovers of an earlier attempt at the same volume (controller killed mid-create).
-        let prefix = format!("{key}.");
-        for e in fs.read_dir(&rel(&format!("{META_DIR}/tmp"))?).await? {
-            if e.name.starts_with(&prefix) {
-                fs.remove_all(&rel(&format!("{META_DIR}/tmp/{}", e.name))?)
-                    .await?;
-            }
-        }
+        Self::purge_leftovers(fs, key, &[Leftover::Tree("tmp")]).await?;
         let tmp = rel(&format!(
             "{META_DIR}/tmp/{key}.{}",
             uuid::Uuid::new_v4().simple()
@@ -409,6 +411,27 @@ impl<F: Fs> DirBackend<F> {
             let _ = fs.remove_all(&tmp).await;
         }
         res
+    }
+
+    /// Removes what a controller killed in the middle of a call left of volume `key` (callers
+    /// hold the volume's lock): half-built trees in `tmp/`, half-removed ones in `trash/`
+    /// (DeleteVolume renames the tree there, then removes it), and temporaries of an
+    /// interrupted atomic write of the volume's metadata. A retried call cleans them, so
+    /// nothing of a deleted volume outlives its DeleteVolume.
+    async fn purge_leftovers(fs: &F, key: &str, what: &[Leftover]) -> Result<()> {
+        for w in what {
+            let (dir, prefix) = match w {
+                Leftover::Tree(dir) => (*dir, format!("{key}.")),
+                Leftover::MetaTemp => ("volumes", format!(".{key}.json.tmp-")),
+            };
+            let dir = rel(&format!("{META_DIR}/{dir}"))?;
+            for e in fs.read_dir(&dir).await? {
+                if e.name.starts_with(&prefix) {
+                    fs.remove_all(&dir.join(&e.name)?).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Removes empty parent directories a template created (a/b/c → b, a), never the base.
@@ -773,8 +796,16 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
         let fs = &inst.fs;
         let meta_path = Self::meta_path(&id.path)?;
         self.prepare(inst).await?;
+        // What an earlier, killed attempt at this delete (or at the create) left behind.
+        let leftovers = [
+            Leftover::Tree("tmp"),
+            Leftover::Tree("trash"),
+            Leftover::MetaTemp,
+        ];
         let Some(meta) = Self::read_json::<VolumeMeta>(fs, &meta_path).await? else {
-            // Never ours (or already deleted): leave whatever is there alone.
+            // Never ours (or already deleted): leave the volume tree alone; the leftovers are
+            // named by this ID's key and so are ours either way.
+            Self::purge_leftovers(fs, &key, &leftovers).await?;
             return Ok(());
         };
         let on_delete = params::DirParams::parse(&meta.parameters)
@@ -804,6 +835,7 @@ impl<F: Fs> ControllerBackend for DirBackend<F> {
                 }
             }
         }
+        Self::purge_leftovers(fs, &key, &leftovers).await?;
         fs.remove_file(&meta_path).await?;
         if on_delete != OnDelete::Retain {
             Self::prune_parents(fs, &id.path).await;

@@ -20,6 +20,7 @@ pub mod glusterfs;
 pub mod group;
 pub mod local;
 pub mod locks;
+pub mod metrics;
 pub mod mount;
 pub mod nfs;
 pub mod node;

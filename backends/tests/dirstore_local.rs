@@ -283,6 +283,42 @@ async fn leftovers_of_a_killed_create_are_cleaned_by_the_retry() {
     assert!(tmp.path().join("crashy").is_dir());
 }
 
+/// Found by tests/it/chaos.rs: a controller killed while DeleteVolume removed the renamed tree
+/// (or while an atomic metadata write was half done) left `.stowage/trash/<key>.<uuid>` and
+/// `.stowage/volumes/.<key>.json.tmp-<uuid>` behind for ever; the retried delete removes them,
+/// also when the first attempt got as far as removing the metadata.
+#[tokio::test]
+async fn leftovers_of_a_killed_delete_are_cleaned_by_the_retry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let b = backend(tmp.path()).await;
+    let key = |name: &str| {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(name.as_bytes()))[..40].to_string()
+    };
+    let st = tmp.path().join(".stowage");
+    for (name, with_meta) in [("half-deleted", true), ("meta-gone", false)] {
+        let v = b.create_volume(&req(name, 0)).await.unwrap();
+        let k = key(name);
+        // The state a kill inside the delete leaves: the tree renamed into trash and partly
+        // removed, a metadata temporary of an earlier write, the metadata itself (or not).
+        std::fs::create_dir_all(st.join(format!("trash/{k}.0123abcd/sub"))).unwrap();
+        std::fs::write(st.join(format!("trash/{k}.0123abcd/sub/f")), b"x").unwrap();
+        std::fs::write(st.join(format!("volumes/.{k}.json.tmp-4567")), b"{").unwrap();
+        std::fs::remove_dir_all(tmp.path().join(name)).unwrap();
+        if !with_meta {
+            std::fs::remove_file(st.join(format!("volumes/{k}.json"))).unwrap();
+        }
+        b.delete_volume(&v.id, &Secrets::default()).await.unwrap();
+        for d in ["trash", "volumes", "tmp"] {
+            let left: Vec<_> = std::fs::read_dir(st.join(d))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert!(left.is_empty(), "{name}: .stowage/{d} still holds {left:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn block_volumes_are_sparse_images_that_grow() {
     let tmp = tempfile::tempdir().unwrap();

@@ -67,6 +67,10 @@ struct StatusArgs {
     /// A claim Pending for longer than this many seconds is reported as stuck.
     #[arg(long, default_value_t = 60)]
     pending_after: i64,
+    /// Keep running: print the report again whenever a PV or claim changes (on a terminal
+    /// the new report replaces the old; otherwise only changed reports are printed).
+    #[arg(short = 'w', long)]
+    watch: bool,
 }
 
 #[derive(Args, Debug)]
@@ -162,14 +166,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Status(a) => {
             let client = stowage_cli::kube::client(kubeconfig).await?;
-            let report = status::gather(
-                &client,
-                &StatusOptions {
-                    namespace: a.namespace,
-                    pending_after_secs: a.pending_after,
-                },
-            )
-            .await?;
+            let opts = StatusOptions {
+                namespace: a.namespace,
+                pending_after_secs: a.pending_after,
+            };
+            if a.watch {
+                use std::io::IsTerminal;
+                let tty = std::io::stdout().is_terminal();
+                status::watch(&client, &opts, a.output, &mut std::io::stdout(), tty).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let report = status::gather(&client, &opts).await?;
             status::print(&mut std::io::stdout().lock(), a.output, &report)?;
             Ok(ExitCode::SUCCESS)
         }

@@ -40,6 +40,68 @@ where
         .items)
 }
 
+/// How long watch events are collected before the report is redrawn: a provisioning touches
+/// the claim and the PV several times within a second.
+const SETTLE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// `status --watch`: prints the report, then again after PVs or claims changed (watch events,
+/// coalesced for [`SETTLE`]). On a terminal each report replaces the previous one; otherwise
+/// (a pipe, a log) a report is printed only when its text differs from the last one printed,
+/// with no control codes. Returns when the watch streams end (the process is normally
+/// stopped with Ctrl-C).
+pub async fn watch(
+    client: &Client,
+    opts: &StatusOptions,
+    format: Format,
+    out: &mut dyn Write,
+    tty: bool,
+) -> Result<(), StatusError> {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let pvs = watcher(
+        Api::<PersistentVolume>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|_| ());
+    let claims: Api<PersistentVolumeClaim> = match &opts.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let claims = watcher(claims, watcher::Config::default())
+        .default_backoff()
+        .map(|_| ());
+    let mut events = std::pin::pin!(futures::stream::select(pvs, claims));
+    let mut last: Option<Vec<u8>> = None;
+    loop {
+        let report = gather(client, opts).await?;
+        let mut text = Vec::new();
+        print(&mut text, format, &report)?;
+        if last.as_ref() != Some(&text) {
+            if tty {
+                // Cursor home and clear screen: the new report replaces the old one.
+                out.write_all(b"\x1b[H\x1b[2J").map_err(OutputError::from)?;
+            }
+            out.write_all(&text).map_err(OutputError::from)?;
+            out.flush().map_err(OutputError::from)?;
+            last = Some(text);
+        }
+        // Wait for a change, then let the burst it belongs to settle.
+        if events.next().await.is_none() {
+            return Ok(());
+        }
+        let settle = tokio::time::sleep(SETTLE);
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                () = &mut settle => break,
+                e = events.next() => if e.is_none() { break },
+            }
+        }
+    }
+}
+
 /// Reads the cluster and explains it.
 pub async fn gather(client: &Client, opts: &StatusOptions) -> Result<Report, StatusError> {
     let all = ListParams::default();

@@ -1,6 +1,7 @@
 //! The CSI Controller service: validates requests (status codes from the spec's error tables),
 //! translates them, and hands them to the backend.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use stowage_backends::types::{CreateVolume, SnapshotFilter};
@@ -18,11 +19,63 @@ pub const MAX_NAME_LEN: usize = 128;
 
 pub struct ControllerService {
     backend: Arc<dyn ControllerBackend>,
+    /// Non-empty: every volume lives on the one node with this topology (see
+    /// `crate::routes_on_node`).
+    node_topology: BTreeMap<String, String>,
 }
 
 impl ControllerService {
     pub fn new(backend: Arc<dyn ControllerBackend>) -> Self {
-        ControllerService { backend }
+        ControllerService {
+            backend,
+            node_topology: BTreeMap::new(),
+        }
+    }
+
+    /// Volumes live on the node with `topology` (empty: reachable from every node).
+    pub fn on_node(mut self, topology: BTreeMap<String, String>) -> Self {
+        self.node_topology = topology;
+        self
+    }
+
+    /// A volume can only be made where the node is: refuses requisite topologies that all
+    /// exclude it (a topology includes the node when each of its segments is the node's).
+    fn check_requisite(&self, req: Option<&v1::TopologyRequirement>) -> Result<(), Status> {
+        let Some(req) = req else {
+            return Ok(());
+        };
+        if self.node_topology.is_empty() || req.requisite.is_empty() {
+            return Ok(());
+        }
+        let includes = |t: &v1::Topology| {
+            t.segments
+                .iter()
+                .all(|(k, v)| self.node_topology.get(k) == Some(v))
+        };
+        if req.requisite.iter().any(includes) {
+            return Ok(());
+        }
+        let node = self
+            .node_topology
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let wanted = req
+            .requisite
+            .iter()
+            .map(|t| {
+                t.segments
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .collect::<Vec<_>>()
+            .join(" | ");
+        Err(Status::resource_exhausted(format!(
+            "accessibility_requirements: volumes of this plugin live on its node ({node}); no requisite topology ({wanted}) includes it"
+        )))
     }
 
     fn rpcs(&self) -> Vec<Rpc> {
@@ -105,6 +158,10 @@ impl v1::controller_server::Controller for ControllerService {
         let capabilities = convert::capabilities("volume_capabilities", &r.volume_capabilities)?;
         let capacity = convert::capacity_range(r.capacity_range.as_ref())?;
         let source = convert::content_source(r.volume_content_source.as_ref())?;
+        if let Err(e) = self.check_requisite(r.accessibility_requirements.as_ref()) {
+            tracing::warn!(error = %e.message(), "CreateVolume refused");
+            return Err(e);
+        }
         let topology = r
             .accessibility_requirements
             .as_ref()
@@ -127,10 +184,13 @@ impl v1::controller_server::Controller for ControllerService {
             topology,
         };
         let started = std::time::Instant::now();
-        let vol = self.backend.create_volume(&create).await.map_err(|e| {
+        let mut vol = self.backend.create_volume(&create).await.map_err(|e| {
             tracing::warn!(error = %e, "CreateVolume failed");
             Status::from(e)
         })?;
+        if vol.topology.is_empty() && !self.node_topology.is_empty() {
+            vol.topology = vec![self.node_topology.clone()];
+        }
         tracing::info!(volume_id = %vol.id, elapsed_ms = started.elapsed().as_millis() as u64, "volume ready");
         Ok(Response::new(v1::CreateVolumeResponse {
             volume: Some(convert::volume_to_wire(&vol)),

@@ -27,6 +27,9 @@ struct Args {
     /// Backend configuration (YAML): one backend, or a `backends:` list; see examples/.
     #[arg(long, env = "STOWAGE_CONFIG")]
     config: PathBuf,
+    /// Serve GET /metrics (Prometheus text) here, e.g. 0.0.0.0:9809. Off when unset.
+    #[arg(long, env = "STOWAGE_METRICS_ADDRESS")]
+    metrics_address: Option<std::net::SocketAddr>,
     /// Log format: text or json.
     #[arg(long, env = "STOWAGE_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -41,6 +44,8 @@ async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     stowage_csi::identity::set_vendor_version(stowage_version::VERSION);
     stowage_csi::logging::init(&args.log_format)?;
+    stowage_backends::metrics::get()
+        .set_build_info(stowage_version::VERSION_NUMBER, stowage_version::COMMIT);
     let file = ConfigFile::load(&args.config)?;
     file.check_per_driver("--endpoint", &args.endpoint)
         .map_err(anyhow::Error::msg)?;
@@ -61,7 +66,19 @@ async fn run() -> anyhow::Result<()> {
         tracing::info!(driver, %endpoint, "stowage-controller serving");
         servers.push((listener, stowage_controller::routes(backend)));
     }
-    stowage_csi::serve::serve_all(servers, stowage_csi::serve::shutdown_signal()).await?;
+    // One shutdown for gRPC and /metrics: SIGTERM stops both.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    if let Some(addr) = args.metrics_address {
+        // Bound before serving, so a taken port stops the start with the flag named.
+        stowage_csi::metrics::start(addr, stop_rx.clone())
+            .await
+            .with_context(|| format!("--metrics-address {addr}"))?;
+    }
+    let shutdown = async move {
+        stowage_csi::serve::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    stowage_csi::serve::serve_all(servers, shutdown).await?;
     tracing::info!("stowage-controller stopped");
     Ok(())
 }

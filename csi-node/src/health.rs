@@ -71,18 +71,23 @@ impl Health {
         Ok(())
     }
 
-    /// Serves `GET /healthz` on `listener` until `shutdown` turns true.
+    /// Serves `GET /healthz` (and `GET /metrics` when `with_metrics`) on `listener` until
+    /// `shutdown` turns true.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
+        with_metrics: bool,
         mut shutdown: watch::Receiver<bool>,
     ) -> std::io::Result<()> {
         if let Ok(addr) = listener.local_addr() {
-            tracing::info!(%addr, "serving /healthz");
+            tracing::info!(%addr, with_metrics, "serving /healthz");
         }
-        let app = Router::new()
+        let mut app = Router::new()
             .route("/healthz", get(healthz))
             .with_state(self);
+        if with_metrics {
+            app = app.route("/metrics", get(stowage_csi::metrics::handler));
+        }
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 while !*shutdown.borrow() {

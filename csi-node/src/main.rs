@@ -52,6 +52,10 @@ struct Args {
     /// socket of every driver answers Probe and every driver is registered with the kubelet.
     #[arg(long, env = "STOWAGE_HEALTH_ADDRESS")]
     health_address: Option<std::net::SocketAddr>,
+    /// Serve GET /metrics (Prometheus text) here, e.g. 0.0.0.0:9809. The same address as
+    /// --health-address serves /healthz and /metrics on one port. Off when unset.
+    #[arg(long, env = "STOWAGE_METRICS_ADDRESS")]
+    metrics_address: Option<std::net::SocketAddr>,
     /// Log format: text or json.
     #[arg(long, env = "STOWAGE_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -66,6 +70,8 @@ async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     stowage_csi::identity::set_vendor_version(stowage_version::VERSION);
     stowage_csi::logging::init(&args.log_format)?;
+    stowage_backends::metrics::get()
+        .set_build_info(stowage_version::VERSION_NUMBER, stowage_version::COMMIT);
     anyhow::ensure!(
         !args.node_id.trim().is_empty(),
         "--node-id must not be empty"
@@ -146,6 +152,7 @@ async fn run() -> anyhow::Result<()> {
         registrations.push((r.driver.clone(), tracker.clone()));
         tokio::spawn(r.run(tracker, stop_rx.clone()));
     }
+    let shared = args.metrics_address.is_some() && args.metrics_address == args.health_address;
     if let Some(addr) = args.health_address {
         let health = Health {
             csi: sockets,
@@ -158,10 +165,15 @@ async fn run() -> anyhow::Result<()> {
             .with_context(|| format!("--health-address {addr}"))?;
         let rx = stop_rx.clone();
         tokio::spawn(async move {
-            if let Err(e) = health.serve(l, rx).await {
+            if let Err(e) = health.serve(l, shared, rx).await {
                 tracing::error!(error = %e, "/healthz server failed");
             }
         });
+    }
+    if let (Some(addr), false) = (args.metrics_address, shared) {
+        stowage_csi::metrics::start(addr, stop_rx.clone())
+            .await
+            .with_context(|| format!("--metrics-address {addr}"))?;
     }
     let mut rx = stop_rx;
     stowage_csi::serve::serve_all(servers, async move {

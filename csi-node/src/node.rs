@@ -1,11 +1,13 @@
 //! The CSI Node service: request validation, per-volume serialization, access-mode rules that
 //! need the node's view (single-writer), then the backend's stage/publish.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::paths::PathPolicy;
 use stowage_backends::locks::KeyLocks;
+use stowage_backends::metrics;
 use stowage_backends::mount;
 use stowage_backends::types::AccessMode;
 use stowage_backends::{NodeBackend, PublishRequest, StageRequest};
@@ -22,6 +24,9 @@ pub struct NodeService {
     max_volumes: i64,
     paths: PathPolicy,
     locks: KeyLocks,
+    /// Target paths published since start, for `stowage_node_volumes_published`: a set, so a
+    /// repeated (idempotent) publish counts once. Locked only to update it, never across a call.
+    published: Mutex<HashSet<PathBuf>>,
 }
 
 impl NodeService {
@@ -31,13 +36,40 @@ impl NodeService {
         max_volumes: i64,
         paths: PathPolicy,
     ) -> Self {
+        // Exposed as 0 from the start, so a dashboard shows a node with nothing published.
+        metrics::get()
+            .published
+            .get_or_create(&metrics::DriverLabels {
+                driver: backend.driver_name(),
+            })
+            .set(0);
         NodeService {
             backend,
             node_id,
             max_volumes,
             paths,
             locks: KeyLocks::default(),
+            published: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Adds or removes a publication and sets the gauge to the new count.
+    fn track_published(&self, target: &Path, published: bool) {
+        let count = {
+            let mut set = self.published.lock().unwrap_or_else(|p| p.into_inner());
+            if published {
+                set.insert(target.to_path_buf());
+            } else {
+                set.remove(target);
+            }
+            set.len()
+        };
+        metrics::get()
+            .published
+            .get_or_create(&metrics::DriverLabels {
+                driver: self.backend.driver_name(),
+            })
+            .set(count as i64);
     }
 
     /// A path the call will mount on, create or remove: well-formed and inside the node's
@@ -213,12 +245,13 @@ impl v1::node_server::Node for NodeService {
             .publish(&PublishRequest {
                 volume_id: r.volume_id.clone(),
                 staging_path,
-                target_path,
+                target_path: target_path.clone(),
                 capability,
                 readonly,
                 context: convert::to_btree(&r.volume_context),
             })
             .await?;
+        self.track_published(&target_path, true);
         tracing::info!(target = %r.target_path, readonly, "volume published");
         Ok(Response::new(v1::NodePublishVolumeResponse {}))
     }
@@ -233,6 +266,7 @@ impl v1::node_server::Node for NodeService {
         let target_path = self.owned_path("target_path", &r.target_path)?;
         let _g = self.locks.lock(&r.volume_id).await;
         self.backend.unpublish(&r.volume_id, &target_path).await?;
+        self.track_published(&target_path, false);
         tracing::info!(target = %r.target_path, "volume unpublished");
         Ok(Response::new(v1::NodeUnpublishVolumeResponse {}))
     }

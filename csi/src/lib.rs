@@ -26,6 +26,7 @@ pub mod convert;
 pub mod endpoint;
 pub mod identity;
 pub mod logging;
+pub mod metrics;
 pub mod redact;
 pub mod runtime;
 pub mod serve;

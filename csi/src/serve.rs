@@ -21,6 +21,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use stowage_backends::metrics;
 use tokio::net::{TcpListener, UnixListener, UnixStream};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::codegen::http;
@@ -430,7 +431,9 @@ pub async fn shutdown_signal() {
 
 /// Tower layer giving every gRPC request a `grpc` span (see the module
 /// docs) and one log line when the response is ready: `debug` for OK,
-/// `info` for errors the caller caused, `warn` for errors the plugin did.
+/// `info` for errors the caller caused, `warn` for errors the plugin did. It also counts and
+/// times the call (`stowage_csi_operations_total`, `stowage_csi_operation_duration_seconds`,
+/// see `stowage_backends::metrics`), so the controller and the node get the same metrics.
 ///
 /// [`serve`] installs it; it is public for code that builds its own
 /// `tonic::transport::Server`.
@@ -488,24 +491,36 @@ where
             span.record("driver", driver);
         }
         let started = Instant::now();
+        let method = metrics::method_label(request.uri().path());
+        let driver = self.driver.unwrap_or("");
         // Entered while calling too: tonic may do work synchronously in call().
         let future = span.in_scope(|| self.inner.call(request));
         Box::pin(
             async move {
                 let result = future.await;
-                let elapsed_ms = started.elapsed().as_millis() as u64;
-                match &result {
+                let elapsed = started.elapsed();
+                let elapsed_ms = elapsed.as_millis() as u64;
+                let code = match &result {
                     // An error status is in the headers ("trailers-only"
                     // response); success leaves grpc-status for the trailers,
-                    // which this layer does not wait for.
+                    // which this layer does not wait for (every CSI call is unary, so a
+                    // response without an error status in its headers is an OK).
                     Ok(response) => match tonic::Status::from_header_map(response.headers()) {
                         Some(status) if status.code() != tonic::Code::Ok => {
-                            log_error_status(&status, elapsed_ms)
+                            log_error_status(&status, elapsed_ms);
+                            status.code()
                         }
-                        _ => tracing::debug!(elapsed_ms, "OK"),
+                        _ => {
+                            tracing::debug!(elapsed_ms, "OK");
+                            tonic::Code::Ok
+                        }
                     },
-                    Err(err) => tracing::warn!(elapsed_ms, %err, "request failed in transport"),
-                }
+                    Err(err) => {
+                        tracing::warn!(elapsed_ms, %err, "request failed in transport");
+                        tonic::Code::Unknown
+                    }
+                };
+                metrics::get().record_csi(driver, method, metrics::code_label(code), elapsed);
                 result
             }
             .instrument(span),

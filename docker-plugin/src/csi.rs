@@ -21,7 +21,11 @@ pub fn routes(
     max_volumes: i64,
     paths: stowage_node::paths::PathPolicy,
 ) -> Routes {
-    stowage_controller::routes(controller).add_service(NodeServer::new(
+    // Volumes of a backend with node topology (local) exist on this node only: the controller
+    // says so in CreateVolume, so Swarm places their tasks here and honours requisite
+    // topologies.
+    let topology = node.topology(&node_id);
+    stowage_controller::routes_on_node(controller, topology).add_service(NodeServer::new(
         stowage_node::node::NodeService::new(node, node_id, max_volumes, paths),
     ))
 }

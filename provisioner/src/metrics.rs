@@ -151,6 +151,108 @@ pub async fn serve(
 mod tests {
     use super::*;
 
+    /// Every series name a registry's text exposes: counters with `_total`, histograms with
+    /// `_bucket`, `_sum` and `_count`, others as typed.
+    fn exposed(text: &str) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("# TYPE ") else {
+                continue;
+            };
+            let mut it = rest.split_whitespace();
+            let (Some(name), Some(kind)) = (it.next(), it.next()) else {
+                continue;
+            };
+            match kind {
+                "counter" => {
+                    out.insert(format!("{name}_total"));
+                }
+                "histogram" => {
+                    for s in ["_bucket", "_sum", "_count"] {
+                        out.insert(format!("{name}{s}"));
+                    }
+                }
+                "info" => {
+                    out.insert(format!("{name}_info"));
+                }
+                _ => {
+                    out.insert(name.to_string());
+                }
+            }
+        }
+        out
+    }
+
+    fn queries(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr" | "definition", serde_json::Value::String(s)) => {
+                            out.push(s.clone())
+                        }
+                        _ => queries(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| queries(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn dashboard_queries_only_exposed_metrics() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../charts/stowage/dashboards/stowage.json");
+        let dash: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let mut exprs = Vec::new();
+        queries(&dash, &mut exprs);
+        assert!(exprs.len() >= 10, "{exprs:?}");
+        // A family is exposed once it has a series: give each one.
+        let m = Metrics::new();
+        m.record("provision", true, Some(Duration::from_millis(5)));
+        m.syncs.get_or_create(&SyncLabels { kind: "claim" }).inc();
+        let p = stowage_backends::metrics::get();
+        p.set_build_info("0.1.0", "test");
+        p.record_csi("local.stowage.io", "Probe", "OK", Duration::from_millis(1));
+        p.record_backend("bind", "mount", true, Duration::from_millis(1));
+        let fuse = stowage_backends::metrics::FuseLabels { backend: "s3" };
+        p.fuse_running.get_or_create(&fuse).set(1);
+        p.fuse_healed.get_or_create(&fuse).inc();
+        p.published
+            .get_or_create(&stowage_backends::metrics::DriverLabels {
+                driver: "local.stowage.io",
+            })
+            .set(1);
+        let mut known = exposed(&m.encode().unwrap());
+        known.extend(exposed(&p.encode().unwrap()));
+        let mut used = std::collections::BTreeSet::new();
+        for e in &exprs {
+            let mut rest = e.as_str();
+            while let Some(i) = rest.find("stowage_") {
+                let tail = &rest[i..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                used.insert(tail[..end].to_string());
+                rest = &tail[end..];
+            }
+        }
+        let unknown: Vec<_> = used.iter().filter(|n| !known.contains(*n)).collect();
+        assert!(
+            unknown.is_empty(),
+            "dashboard queries {unknown:?}; exposed: {known:?}"
+        );
+        // Every plugin metric is on the dashboard somewhere.
+        for name in stowage_backends::metrics::NAMES {
+            assert!(
+                used.iter().any(|u| u.starts_with(name)),
+                "{name} is not on the dashboard"
+            );
+        }
+    }
+
     #[test]
     fn exposes_operations_and_latency() {
         let m = Metrics::new();

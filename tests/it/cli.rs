@@ -724,3 +724,78 @@ async fn migrate_intree_nfs() -> Result<()> {
     })
     .await
 }
+
+/// `stowage status --watch` on a pipe: a first report at once, a new one after a claim is
+/// created (and bound), and no terminal control codes.
+#[tokio::test]
+async fn status_watch_reports_changes() -> Result<()> {
+    let _g = serial().await;
+    with_world("cli_watch", true, async |w: &mut World| {
+        let ns = w.ns.clone();
+        let mut child = Command::new(bin("stowage")?)
+            .args(["status", "--watch", "-n", &ns])
+            .env("KUBECONFIG", &w.cluster.admin_kubeconfig)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting stowage status --watch")?;
+        let mut stdout = child.stdout.take().context("no stdout")?;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let sink = seen.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stdout.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            }
+        });
+        let text = || seen.lock().map(|s| s.clone()).unwrap_or_default();
+        let started = std::time::Instant::now();
+        let result = async {
+            wait_for("first report", T, || {
+                let t = text();
+                async move { Ok((!t.is_empty()).then_some(())) }
+            })
+            .await?;
+            let first = text();
+            let class = w
+                .create_class("watch", json!({"reclaimPolicy": "Delete"}))
+                .await?;
+            w.create_claim(
+                "watched",
+                Some(&class),
+                "16Mi",
+                &["ReadWriteOnce"],
+                json!({}),
+            )
+            .await?;
+            w.wait_bound("watched", T).await?;
+            wait_for("a report naming the bound claim", T, || {
+                let t = text();
+                let later = t.get(first.len()..).unwrap_or("").to_string();
+                async move {
+                    Ok((later.contains("watched") && later.contains("Bound")).then_some(()))
+                }
+            })
+            .await?;
+            let all = text();
+            ensure!(!all.contains('\x1b'), "control codes on a pipe: {all:?}");
+            println!(
+                "status --watch: {} bytes of reports in {:.1}s",
+                all.len(),
+                started.elapsed().as_secs_f64()
+            );
+            anyhow::Ok(())
+        }
+        .await;
+        let _ = child.kill();
+        let _ = child.wait();
+        result.with_context(|| format!("watch output:\n{}", text()))
+    })
+    .await
+}

@@ -659,3 +659,70 @@ fn copies_running(base: &Path) -> bool {
             .unwrap_or(false)
     })
 }
+
+/// Found by tests/it/chaos.rs: a node killed inside NodeUnstageVolume of a raw block volume,
+/// after it removed the staged device file but before `losetup -d`, left the loop device
+/// attached; the retried unstage found no device file and answered OK, and DeleteVolume then
+/// refused the volume as in use for ever. The retry now detaches a loop device of the volume
+/// that nothing binds any more, and leaves one alone that is staged at another path.
+#[tokio::test]
+async fn unstage_retried_after_a_kill_detaches_the_loop_device() {
+    let (e, mut c, mut n) = env().await;
+    let mut req = wire::create("pvc-cut", 8 << 20);
+    req.volume_capabilities = vec![wire::block_cap(Mode::SingleNodeWriter)];
+    let vol = c
+        .controller
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let cap = wire::block_cap(Mode::SingleNodeWriter);
+    let staging = e.dir.path().join("staging");
+    let other = e.dir.path().join("elsewhere");
+    n.node_stage_volume(stage_req(&vol, &staging, cap.clone()))
+        .await
+        .unwrap();
+    let img = std::fs::canonicalize(e.base.join("pvc-cut/disk.img")).unwrap();
+    let attached = || {
+        std::fs::read_dir("/sys/block")
+            .unwrap()
+            .flatten()
+            .any(|ent| {
+                std::fs::read_to_string(ent.path().join("loop/backing_file"))
+                    .is_ok_and(|b| Path::new(b.trim_end()) == img)
+            })
+    };
+    assert!(attached());
+    let unstage = |p: &Path| v1::NodeUnstageVolumeRequest {
+        volume_id: vol.volume_id.clone(),
+        staging_target_path: p.to_string_lossy().into(),
+    };
+    // An unstage at a path where the volume is not staged leaves its device alone.
+    std::fs::create_dir_all(&other).unwrap();
+    n.node_unstage_volume(unstage(&other)).await.unwrap();
+    assert!(attached(), "a device staged elsewhere was detached");
+    // The state the kill leaves: the bind of the device gone, the loop device attached.
+    let device = staging.join("device");
+    let st = std::process::Command::new("umount")
+        .arg(&device)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::remove_file(&device).unwrap();
+    n.node_unstage_volume(unstage(&staging)).await.unwrap();
+    assert!(
+        !attached(),
+        "the retried unstage left the loop device attached"
+    );
+    c.controller
+        .delete_volume(v1::DeleteVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!e.base.join("pvc-cut").exists());
+    drop(e);
+}

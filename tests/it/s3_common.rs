@@ -129,7 +129,7 @@ pub async fn start(endpoint: &str, extra: &str) -> Pair {
     )
     .unwrap();
     let mut ctl = Plugin::controller(dir.path(), &cfg).unwrap();
-    let mut node = Plugin::node(dir.path(), &cfg, "node-1").unwrap();
+    let mut node = node_plugin(dir.path(), &cfg);
     let c = controller_clients(ctl.ready().await.unwrap());
     let n = node_client(node.ready().await.unwrap());
     Pair {
@@ -143,11 +143,33 @@ pub async fn start(endpoint: &str, extra: &str) -> Pair {
     }
 }
 
+/// The node plugin, with /metrics on a port of its choosing (read from its log: see
+/// [`Pair::node_metrics`]).
+fn node_plugin(dir: &std::path::Path, cfg: &std::path::Path) -> Plugin {
+    Plugin::node_with_args(
+        dir,
+        dir,
+        cfg,
+        "node-1",
+        &["--metrics-address", "127.0.0.1:0"],
+    )
+    .unwrap()
+}
+
 impl Pair {
+    /// The node plugin's current `/metrics` text. The log is appended to across restarts, so
+    /// the `starts`-th (1-based) start line of the metrics server names the running one.
+    pub async fn node_metrics(&self, starts: usize) -> String {
+        let addr = stowage_tests::metrics::bound_addr_nth(&self.node, "serving /metrics", starts)
+            .await
+            .unwrap();
+        stowage_tests::metrics::scrape(addr).await.unwrap()
+    }
+
     /// Restarts the node plugin (SIGKILL, like a crashed or upgraded pod).
     pub async fn restart_node(&mut self) {
         self.node.kill();
-        let mut node = Plugin::node(self.dir.path(), &self.cfg, "node-1").unwrap();
+        let mut node = node_plugin(self.dir.path(), &self.cfg);
         self.n = node_client(node.ready().await.unwrap());
         self.node = node;
     }

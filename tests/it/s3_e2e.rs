@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use stowage_csi::stowage_v1;
 use stowage_csi::v1;
+use stowage_tests::metrics::sample;
 use tonic::Code;
 
 /// create → stage → publish → write files → read them through the S3 API → stats → unpublish
@@ -478,6 +479,10 @@ fn read_until_ok(p: &Path, want: &[u8], within: Duration) -> Result<(), String> 
     }
 }
 
+const HEALED: &str = r#"stowage_fuse_mounts_healed_total{backend="s3"}"#;
+const RUNNING: &str = r#"stowage_fuse_mounts_running{backend="s3"}"#;
+const MOUNTER_STARTS: &str = r#"stowage_backend_operation_duration_seconds_count{backend="s3",operation="mounter_start",result="success"}"#;
+
 fn kill9(pid: u32) {
     let st = std::process::Command::new("kill")
         .args(["-9", &pid.to_string()])
@@ -528,6 +533,11 @@ async fn killed_mounter_is_healed_by_stats_publish_and_plugin_restart() {
     let new_pids = mounter_pids(p.dir.path());
     assert_eq!(new_pids.len(), 1);
     assert_ne!(new_pids, pids);
+    let m = p.node_metrics(1).await;
+    assert_eq!(sample(&m, HEALED), 1.0, "{m}");
+    assert_eq!(sample(&m, RUNNING), 1.0, "{m}");
+    // The first start and the heal.
+    assert_eq!(sample(&m, MOUNTER_STARTS), 2.0, "{m}");
 
     // 2. Killed again: the next NodePublishVolume (another pod) heals it and the first pod's
     //    bind is replaced too.
@@ -537,6 +547,8 @@ async fn killed_mounter_is_healed_by_stats_publish_and_plugin_restart() {
         .unwrap();
     assert_eq!(std::fs::read(target2.join("data")).unwrap(), b"survives");
     assert_eq!(std::fs::read(target.join("data")).unwrap(), b"survives");
+    let m = p.node_metrics(1).await;
+    assert_eq!(sample(&m, HEALED), 2.0, "{m}");
 
     // 3. The plugin restarts: the mounter is not its child and keeps serving.
     let before = mounter_pids(p.dir.path());
@@ -555,6 +567,18 @@ async fn killed_mounter_is_healed_by_stats_publish_and_plugin_restart() {
     p.restart_node().await;
     read_until_ok(&target.join("data"), b"survives", Duration::from_secs(30)).unwrap();
     read_until_ok(&target2.join("data"), b"survives", Duration::from_secs(5)).unwrap();
+    // The third plugin process healed the mount at its start, and counts it.
+    // The gauge is set once the start-up healing pass is through: wait for it (bounded).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let m = loop {
+        let m = p.node_metrics(3).await;
+        if sample(&m, RUNNING) == 1.0 || Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(sample(&m, RUNNING), 1.0, "{m}");
+    assert_eq!(sample(&m, HEALED), 1.0, "{m}");
     std::fs::write(target2.join("after"), b"healed").unwrap();
     assert_eq!(
         get(&env.client(), &vol.volume_context["bucket"], "after").await,

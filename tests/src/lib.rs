@@ -73,22 +73,37 @@ impl Plugin {
     /// directory for their paths). Registration is off unless the root is the plugin's own
     /// directory: two plugins of one driver would fight over one registration socket.
     pub fn node_with_root(dir: &Path, root: &Path, config: &Path, node_id: &str) -> Result<Plugin> {
+        Self::node_with_args(dir, root, config, node_id, &[])
+    }
+
+    /// Like [`Plugin::node_with_root`] with more flags (e.g. `--metrics-address`).
+    pub fn node_with_args(
+        dir: &Path,
+        root: &Path,
+        config: &Path,
+        node_id: &str,
+        extra: &[&str],
+    ) -> Result<Plugin> {
         let sock = dir.join("node.sock");
         let registration = if dir == root { "true" } else { "false" };
+        let config = config.to_string_lossy();
+        let root = root.to_string_lossy();
+        let mut args = vec![
+            "--config",
+            &config,
+            "--node-id",
+            node_id,
+            "--kubelet-root",
+            &root,
+            "--kubelet-registration",
+            registration,
+        ];
+        args.extend_from_slice(extra);
         Self::spawn(
             "stowage-node",
             dir,
             &format!("unix://{}", sock.display()),
-            &[
-                "--config",
-                &config.to_string_lossy(),
-                "--node-id",
-                node_id,
-                "--kubelet-root",
-                &root.to_string_lossy(),
-                "--kubelet-registration",
-                registration,
-            ],
+            &args,
         )
     }
 
@@ -302,4 +317,5 @@ pub mod wire {
     }
 }
 
+pub mod metrics;
 pub mod provisioner;

@@ -10,7 +10,7 @@ trap '"$root/tests/infra/ganesha.sh" stop --state "$state" >/dev/null 2>&1; rm -
 # shellcheck disable=SC1091
 . "$state/env"
 export STOWAGE_NFS_SERVER=$NFS_SERVER STOWAGE_NFS_EXPORT=$NFS_EXPORT STOWAGE_NFS_PORT=$NFS_PORT \
-       STOWAGE_NFS_MOUNT_PORT=$MNT_PORT STOWAGE_NFS_EXPORT_DIR=$NFS_EXPORT_DIR STOWAGE_REQUIRE_NFS=1
+       STOWAGE_NFS_MOUNT_PORT=$MNT_PORT STOWAGE_NFS_EXPORT_DIR=$NFS_EXPORT_DIR STOWAGE_NFS_STATE=$state STOWAGE_REQUIRE_NFS=1
 out=$(mktemp)
 cargo test --workspace --locked --no-fail-fast 2>&1 | tee "$out"
 rc=${PIPESTATUS[0]}

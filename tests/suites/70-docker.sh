@@ -42,6 +42,11 @@ if [ "$engine" = current ]; then
     tail -n 20 "$work/rootfs.log"; echo "plugin root filesystem build failed"; echo "0 passed, 1 failed"; exit 1
   fi
   export STOWAGE_PLUGIN_ROOTFS
+  # The MariaDB image of the stack test (tests/it/docker_cluster/stack.rs; cached, built offline).
+  if ! img_dir=$("$infra/images.sh" build mariadb 2>"$work/images.log"); then
+    tail -n 20 "$work/images.log"; echo "MariaDB image build failed"; echo "0 passed, 1 failed"; exit 1
+  fi
+  export STOWAGE_MARIADB_IMAGE=$img_dir/mariadb.tar
 fi
 if ! "$infra/docker.sh" start --state "$work/docker" >/dev/null; then
   echo "dockerd did not start"; echo "0 passed, 1 failed"; exit 1
@@ -115,7 +120,9 @@ if [ "$engine" = current ]; then
     # shellcheck disable=SC1091
     . "$work/docker-cluster/env"
     set +a
-    STOWAGE_DOCKER_SWARM=1 STOWAGE_DOCKER_CLUSTER=1 RUN_TESTS=docker_cluster run_pass "swarm cluster volumes"
+    # Three at a time: the tests mostly wait for Swarm (plugin creates are serialized in the
+    # harness), and the MariaDB stack alone takes ~2 min.
+    STOWAGE_DOCKER_SWARM=1 STOWAGE_DOCKER_CLUSTER=1 RUN_TESTS=docker_cluster run_pass "swarm cluster volumes" --test-threads 3
   else
     fail_setup "the engine for cluster volumes did not start"
   fi

@@ -11,7 +11,10 @@
 #     test passes; a claim with NO storageClassName binds and a pod writes to it (time from
 #     helm install to that write); helm upgrade rolls the node DaemonSet while a pod writes;
 #     helm upgrade to local + s3 (one process per role, both drivers registered); helm
-#     uninstall keeps a Retain PV and its bytes.
+#     uninstall keeps a Retain PV and its bytes. Snapshots: the CRDs from crds/ installed by
+#     helm, the default VolumeSnapshotClass, a snapshot restored into a claim a pod reads.
+#     The users' case: a MariaDB chart (tests/charts/mariadb) with no storageClassName binds
+#     through the default class and its rows survive helm uninstall + install.
 # HELM_STATIC_ONLY=1 skips the kubelet part. Prints PASS/FAIL lines and `N passed, N failed`.
 set -uo pipefail
 root=${STOWAGE_ROOT:-$(cd "$(dirname "$0")/../.." && pwd)}
@@ -74,6 +77,15 @@ check "helm lint --strict (default values)" "$(tail -n 5 <<<"$out" | tr '\n' ' '
 out=$(CHECK=1 python3 "$chart/schema/gen.py" 2>&1)
 check "values.schema.json is what schema/gen.py writes" "$out" test -z "$out"
 
+check "charts/stowage/crds holds the snapshot CRDs stowage-provisioner generates" \
+  "differs from provisioner/deploy/crds (copy it over after \`stowage-provisioner crds\`)" \
+  cmp -s "$chart/crds/snapshot.storage.k8s.io.yaml" "$root/provisioner/deploy/crds/snapshot.storage.k8s.io.yaml"
+# helm install puts crds/ in before the templates; a server-side dry run of the templates'
+# VolumeSnapshotClasses needs them in the apiserver, so they go in for the dry runs and out
+# again before the install (which must then install them itself).
+crds=$(grep -c '^kind: CustomResourceDefinition' "$chart/crds/snapshot.storage.k8s.io.yaml")
+k apply -f "$chart/crds/" >/dev/null && k wait --for condition=established --timeout=60s -f "$chart/crds/" >/dev/null ||
+  fail "snapshot CRDs applied for the dry runs" "$(k get crd 2>&1 | tail -n 3 | tr '\n' ' ')"
 for f in "$chart"/examples/*.yaml; do
   n=$(basename "$f")
   if ! out=$("$helm" lint --strict "$chart" -f "$f" 2>&1) || ! grep -q '0 chart(s) failed' <<<"$out"; then
@@ -102,6 +114,8 @@ for f in "$chart"/examples/bad/*.yaml; do
     fail "examples/bad/$n refused with a message naming '$want'" "$(head -c 300 <<<"$out")"
   fi
 done
+
+k delete -f "$chart/crds/" --wait=true --timeout=60s >/dev/null 2>&1
 
 # The rendered default install: containers per pod, as the report compares them.
 "$helm" template "$rel" "$chart" -n "$ns" >"$work/default.rendered" 2>&1
@@ -217,6 +231,10 @@ for n in 1 2 3 4 5 6 7 8 9; do ip link show "stowk${n}a" >/dev/null 2>&1 || { no
   { tail -n 30 "$work/kubelet-start.log"; bail "kubelet node did not become Ready"; }
 # shellcheck disable=SC1091
 . "$work/node/env"
+# The MariaDB image (the users' stateful chart below) goes in while the install runs.
+images="$root/tests/infra/images.sh"
+"$images" import "$CONTAINERD_SOCK" mariadb >"$work/mariadb-image.log" 2>&1 &
+mariadb_import=$!
 t=$SECONDS
 timeout 600 ctr -a "$CONTAINERD_SOCK" -n k8s.io images import "$tarball" >"$work/import.log" 2>&1 ||
   { tail -n 5 "$work/import.log"; bail "ctr images import of $tarball failed"; }
@@ -226,6 +244,7 @@ say "image imported in $((SECONDS - t))s as $imported"
 
 health=$(python3 -c 'import socket; s=socket.socket(); s.bind(("0.0.0.0",0)); print(s.getsockname()[1])')
 metrics=$(python3 -c 'import socket; s=socket.socket(); s.bind(("0.0.0.0",0)); print(s.getsockname()[1])')
+csimetrics=$(python3 -c 'import socket; s=socket.socket(); s.bind(("0.0.0.0",0)); print(s.getsockname()[1])')
 mkdir -p "$work/state" "$work/run" "$work/local"
 cat > "$work/values.yaml" <<EOF
 image: {repository: ${image%%:*}, tag: "${image#*:}", pullPolicy: Never}
@@ -236,6 +255,7 @@ logFormat: text
 # No kube-proxy here: the controller pod reaches the apiserver on the host's loopback.
 controller:
   metricsPort: $metrics
+  csiMetricsPort: $csimetrics
   hostNetwork: true
   extraEnv:
     - {name: KUBERNETES_SERVICE_HOST, value: "127.0.0.1"}
@@ -264,6 +284,11 @@ if grep -q 'stowage-local is the default class' <<<"$out" && grep -q 'whose recl
 else
   fail "NOTES" "no default-class or Retain line: $(head -c 300 <<<"$out")"
 fi
+
+snap_crds() { [ "$(k get crd -o name | grep -c 'snapshot.storage.k8s.io$')" = "$crds" ]; }
+check "helm install put in the $crds snapshot CRDs from crds/" "$(k get crd -o name 2>&1 | tr '\n' ' ')" snap_crds
+check "VolumeSnapshotClass stowage-local is the default for local.stowage.io" "$(k get volumesnapshotclass -o yaml 2>&1 | tail -n 5 | tr '\n' ' ')" \
+  test "$(k get volumesnapshotclass stowage-local -o 'jsonpath={.driver} {.metadata.annotations.snapshot\.storage\.kubernetes\.io/is-default-class}')" = "local.stowage.io true"
 
 running() { [ "$(k -n "$ns" get pods -l "app.kubernetes.io/component=$1" -o 'jsonpath={.items[*].status.phase}')" = Running ]; }
 ready_all() { local r; r=$(k -n "$ns" get pods -l "app.kubernetes.io/component=$1" -o 'jsonpath={.items[*].status.containerStatuses[*].ready}'); [ -n "$r" ] && ! grep -q false <<<"$r"; }
@@ -325,6 +350,105 @@ else
   fail "helm test" "$(tail -n 5 <<<"$out" | tr '\n' ' '); $(k -n "$ns" logs "$rel-test" 2>&1 | tail -n 3 | tr '\n' ' ')"
 fi
 
+# A VolumeSnapshot of the default-class claim written above (its pod gone), naming no class:
+# the chart's default VolumeSnapshotClass; the backend holds the copy; a claim restored from it
+# is read back by a pod; deleting the snapshot (policy Delete) removes the backend's copy.
+gone() { ! k -n default get pod "$1" >/dev/null 2>&1; }
+snap_ready() { [ "$(k -n default get volumesnapshot helm-snap -o 'jsonpath={.status.readyToUse}')" = true ]; }
+s_snapshot() {
+  local content handle dir got
+  until_ok 90 gone helm-default-class || { why="writer pod helm-default-class still there"; return 1; }
+  cat <<EOF | k apply -n default -f - >/dev/null || { why="VolumeSnapshot refused by the apiserver"; return 1; }
+apiVersion: snapshot.storage.k8s.io/v1
+kind: VolumeSnapshot
+metadata: {name: helm-snap}
+spec:
+  source: {persistentVolumeClaimName: helm-default-class}
+EOF
+  until_ok 120 snap_ready || { why="not ready: $(k -n default get volumesnapshot helm-snap -o 'jsonpath={.spec.volumeSnapshotClassName} {.status}' 2>&1 | cut -c1-300); $(k -n default get events --field-selector involvedObject.name=helm-snap -o 'jsonpath={range .items[*]}{.reason}: {.message}{"\n"}{end}' | tail -n 2 | tr '\n' ' ')"; return 1; }
+  [ "$(k -n default get volumesnapshot helm-snap -o 'jsonpath={.spec.volumeSnapshotClassName}')" = stowage-local ] ||
+    { why="class: '$(k -n default get volumesnapshot helm-snap -o 'jsonpath={.spec.volumeSnapshotClassName}')', not the default stowage-local"; return 1; }
+  content=$(k -n default get volumesnapshot helm-snap -o 'jsonpath={.status.boundVolumeSnapshotContentName}')
+  handle=$(k get volumesnapshotcontent "$content" -o 'jsonpath={.status.snapshotHandle}')
+  dir="$work/local/.stowage/snapshots/${handle#*/}"
+  [ -n "$handle" ] && [ -d "$dir" ] || { why="content $content, handle '$handle': no $dir on the backend"; return 1; }
+  cat <<EOF | k apply -n default -f - >/dev/null || { why="restore claim refused"; return 1; }
+apiVersion: v1
+kind: PersistentVolumeClaim
+metadata: {name: helm-restored}
+spec:
+  accessModes: [ReadWriteOnce]
+  resources: {requests: {storage: 32Mi}}
+  dataSource: {apiGroup: snapshot.storage.k8s.io, kind: VolumeSnapshot, name: helm-snap}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: helm-restored}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 0
+  containers:
+  - {name: c, image: $image, imagePullPolicy: Never, command: [cat, /data/f], volumeMounts: [{name: d, mountPath: /data}]}
+  volumes: [{name: d, persistentVolumeClaim: {claimName: helm-restored}}]
+EOF
+  until_ok 180 succeeded helm-restored || { why="restore pod: $(k -n default get pod,pvc helm-restored -o wide 2>&1 | tail -n 2 | tr '\n' ' ')"; return 1; }
+  got=$(k -n default logs helm-restored 2>&1)
+  [ "$got" = written-through-the-default-class ] || { why="restored claim reads '$got'"; return 1; }
+  k -n default delete pod helm-restored --wait=false >/dev/null 2>&1
+  until_ok 60 gone helm-restored
+  k -n default delete pvc helm-restored --wait=false >/dev/null 2>&1
+  k -n default delete volumesnapshot helm-snap --wait=false >/dev/null 2>&1
+  snap_gone() { ! k get volumesnapshotcontent "$content" >/dev/null 2>&1 && [ ! -e "$dir" ]; }
+  until_ok 90 snap_gone || { why="after deleting the snapshot: content $(k get volumesnapshotcontent "$content" -o name 2>&1), $dir $( [ -e "$dir" ] && echo still there)"; return 1; }
+  detail="class stowage-local by default, copy ${handle} on the backend, restored claim read back, copy gone after delete"
+}
+succeeded() { [ "$(k -n default get pod "$1" -o 'jsonpath={.status.phase}')" = Succeeded ]; }
+why=""; detail=""
+if s_snapshot; then pass "VolumeSnapshot with the default class, restored into a claim a pod reads" "$detail"; else fail "VolumeSnapshot through the chart" "$why"; fi
+
+# The users' case: a stateful chart of our own (tests/charts/mariadb: a MariaDB StatefulSet
+# whose volumeClaimTemplate names no class, as `helm install mysql` would) binds through the
+# default class; rows written survive `helm uninstall` + a new `helm install` (the
+# StatefulSet's claims outlive the release, the volume and its bytes with them).
+dbchart="$root/tests/charts/mariadb"
+my_() { k -n default exec my-db-mariadb-0 -- mariadb -N -B --socket=/run/mysqld/mysqld.sock -u root "$@"; }
+db_ready() { [ "$(k -n default get pod my-db-mariadb-0 -o 'jsonpath={.status.containerStatuses[0].ready}')" = true ]; }
+db_install() {
+  "$helm" install my-db "$dbchart" -n default --set image="$("$images" ref mariadb)" \
+    --set-file entrypoint="$root/tests/pods/mariadb-entrypoint.sh" >"$work/db-install.log" 2>&1 ||
+    { why="helm install my-db: $(tail -n 2 "$work/db-install.log" | tr '\n' ' ')"; return 1; }
+  until_ok 240 db_ready || { why="mariadb not ready: $(k -n default get pod,pvc -o wide 2>&1 | grep my-db | tr '\n' ' ' | cut -c1-300) $(k -n default logs my-db-mariadb-0 2>&1 | tail -n 2 | tr '\n' ' ')"; return 1; }
+}
+s_db_chart() {
+  local t0 pv uid rows sc out
+  t0=$SECONDS
+  wait "$mariadb_import" || { why="mariadb image import: $(tail -n 3 "$work/mariadb-image.log" | tr '\n' ' ')"; return 1; }
+  db_install || return 1
+  sc=$(k -n default get pvc data-my-db-mariadb-0 -o 'jsonpath={.spec.storageClassName}')
+  pv=$(k -n default get pvc data-my-db-mariadb-0 -o 'jsonpath={.spec.volumeName}')
+  uid=$(k get pv "$pv" -o 'jsonpath={.metadata.uid}')
+  out=$(my_ -e 'CREATE TABLE stowage.t (id INT PRIMARY KEY, v VARCHAR(64)) ENGINE=InnoDB' 2>&1) ||
+    { why="CREATE TABLE failed: $out"; return 1; }
+  out=$(my_ -e "INSERT INTO stowage.t VALUES $(seq 1 500 | sed "s/.*/(&,'row-&')/" | paste -sd,)" 2>&1) ||
+    { why="INSERT failed: $out"; return 1; }
+  "$helm" uninstall my-db -n default --wait --timeout 120s >"$work/db-uninstall.log" 2>&1 ||
+    { why="helm uninstall my-db: $(tail -n 2 "$work/db-uninstall.log" | tr '\n' ' ')"; return 1; }
+  until_ok 90 gone my-db-mariadb-0 || { why="pod my-db-mariadb-0 still there after uninstall"; return 1; }
+  [ "$(k -n default get pvc data-my-db-mariadb-0 -o 'jsonpath={.status.phase}')" = Bound ] ||
+    { why="claim after uninstall: $(k -n default get pvc data-my-db-mariadb-0 2>&1 | tail -n 1)"; return 1; }
+  db_install || return 1
+  [ "$(k get pv "$pv" -o 'jsonpath={.metadata.uid}')" = "$uid" ] && [ "$(k -n default get pvc data-my-db-mariadb-0 -o 'jsonpath={.spec.volumeName}')" = "$pv" ] ||
+    { why="the reinstall is on another volume than $pv"; return 1; }
+  rows=$(my_ -e "SELECT COUNT(*), SUM(v = CONCAT('row-', id)) FROM stowage.t" 2>&1)
+  [ "$rows" = "$(printf '500\t500')" ] || { why="rows after reinstall: '$rows'"; return 1; }
+  detail="class ${sc:-?} (none named), PV $pv kept across uninstall + install, 500 of 500 rows back, $((SECONDS - t0))s"
+  "$helm" uninstall my-db -n default --wait --timeout 120s >/dev/null 2>&1
+  until_ok 90 gone my-db-mariadb-0
+  k -n default delete pvc data-my-db-mariadb-0 --wait=false >/dev/null 2>&1
+}
+why=""; detail=""
+if s_db_chart; then pass "a MariaDB chart with no storageClassName binds through the default class; rows survive helm uninstall + install" "$detail"; else fail "MariaDB chart on the default class" "$why"; fi
+
 # helm upgrade that changes the node pods' template (the DaemonSet rolls) while a pod writes.
 claim_and_pod helm-steady 16Mi 'i=0; while :; do i=$((i+1)); echo $i >> /data/log || { echo WRITE-FAILED; exit 1; }; sleep 0.2; done'
 steady_running() { [ "$(k -n default get pod helm-steady -o 'jsonpath={.status.phase}')" = Running ]; }
@@ -332,7 +456,6 @@ lines() { k -n default exec helm-steady -- sh -c 'wc -l < /data/log' 2>/dev/null
 node_pod() { k -n "$ns" get pods -l app.kubernetes.io/component=node -o 'jsonpath={.items[*].metadata.name}'; }
 replaced() { local p; p=$(node_pod); [ -n "$p" ] && [ "$p" != "$1" ] && [ "$(wc -w <<<"$p")" = 1 ]; }
 writing() { [ -n "$(lines)" ]; }
-gone() { ! k -n default get pod "$1" >/dev/null 2>&1; }
 s_upgrade() {
   local old new n1 n2 n3 gaps
   until_ok 120 steady_running || { why="writer pod not Running: $(k -n default get pod helm-steady -o wide 2>&1 | tail -n 1)"; return 1; }
@@ -390,7 +513,6 @@ why=""; detail=""
 if s_multi; then pass "helm upgrade to local + s3: one controller, provisioner and node process serve both drivers" "$detail"; else fail "two backends in one install" "$why"; fi
 # The local class still provisions and writes after the switch to per-driver sockets.
 claim_and_pod helm-after-multi 16Mi 'echo after-multi > /data/f && cat /data/f'
-succeeded() { [ "$(k -n default get pod "$1" -o 'jsonpath={.status.phase}')" = Succeeded ]; }
 if until_ok 120 succeeded helm-after-multi && [ "$(k -n default logs helm-after-multi 2>/dev/null)" = after-multi ]; then
   pass "local class provisions and writes with two backends installed"
 else

@@ -12,3 +12,6 @@ pub const VERSION: &str = concat!(
     env!("STOWAGE_GIT_COMMIT"),
     ")"
 );
+
+/// The crate version alone (`0.1.0`), for the `version` label of `stowage_build_info`.
+pub const VERSION_NUMBER: &str = env!("CARGO_PKG_VERSION");

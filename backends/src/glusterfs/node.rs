@@ -240,6 +240,12 @@ impl GlusterNode {
         mount::unmount(staging).await?;
         mount::ensure_dir(staging).await?;
         self.mount_fuse(rec).await?;
+        crate::metrics::get()
+            .fuse_healed
+            .get_or_create(&crate::metrics::FuseLabels {
+                backend: "glusterfs",
+            })
+            .inc();
         for (target, ro) in dependents {
             mount::unmount(&target).await?;
             mount::bind(staging, &target, ro, &[]).await?;

@@ -152,6 +152,30 @@ async fn staged_elsewhere(staged: &Path, ours: Option<&Path>) -> bool {
     }
 }
 
+/// Whether a loop device node is bind-mounted anywhere (a staged or published raw block
+/// volume): such a bind shows in mountinfo with the device node as its root (`/loop3`).
+async fn bound_anywhere(dev: &Path) -> Result<bool> {
+    let Some(name) = dev.file_name() else {
+        return Ok(false);
+    };
+    Ok(mount::mountinfo::read()
+        .await?
+        .iter()
+        .any(|m| m.root.file_name() == Some(name) && m.root.parent() == Some(Path::new("/"))))
+}
+
+/// Detaches `dev` from `img`. A detach that fails because the device is no longer attached to
+/// the image (an earlier, interrupted call's `losetup -d` finished meanwhile) is done.
+async fn detach_loop(img: &Path, dev: &Path) -> Result<()> {
+    match command::run("losetup", &["-d", mount::path_str(dev)?], SHORT_TIMEOUT).await {
+        Ok(_) => Ok(()),
+        Err(e) => match loop_device_for(img).await {
+            Ok(Some(now)) if now == dev => Err(e),
+            _ => Ok(()),
+        },
+    }
+}
+
 async fn attach_loop(file: &Path) -> Result<PathBuf> {
     if let Some(dev) = loop_device_for(file).await? {
         return Ok(dev);
@@ -258,6 +282,19 @@ impl NodeBackend for LocalNode {
 
     async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
         let device = mount::staged_device(staging_path);
+        let block_img = self.volume_dir(volume_id)?.join(BLOCK_IMAGE);
+        if tokio::fs::symlink_metadata(&device).await.is_err()
+            && tokio::fs::metadata(&block_img).await.is_ok()
+            && let Some(dev) = loop_device_for(&block_img).await?
+            && !bound_anywhere(&dev).await?
+        {
+            // The retry after a node killed between removing the staged device file and
+            // detaching (found by tests/it/chaos.rs): the volume's loop device is attached but
+            // bound nowhere. Left attached, it would stay for the node's life and DeleteVolume
+            // would refuse the volume as in use for ever.
+            tracing::info!(volume_id, device = %dev.display(), "detaching the loop device an interrupted unstage left");
+            return detach_loop(&block_img, &dev).await;
+        }
         if tokio::fs::symlink_metadata(&device).await.is_ok() {
             let img = self.volume_dir(volume_id)?.join(BLOCK_IMAGE);
             let ours = if tokio::fs::metadata(&img).await.is_ok() {
@@ -275,7 +312,7 @@ impl NodeBackend for LocalNode {
             mount::unmount(&device).await?;
             mount::remove_mount_point(&device).await?;
             if let Some(dev) = ours {
-                command::run("losetup", &["-d", mount::path_str(&dev)?], SHORT_TIMEOUT).await?;
+                detach_loop(&img, &dev).await?;
             }
         }
         let img = self.volume_dir(volume_id)?.join(FS_IMAGE);
@@ -287,7 +324,7 @@ impl NodeBackend for LocalNode {
         mount::unmount(staging_path).await?;
         if let Some(dev) = dev {
             // After the unmount: the loop device of a mounted filesystem would stay busy.
-            command::run("losetup", &["-d", mount::path_str(&dev)?], SHORT_TIMEOUT).await?;
+            detach_loop(&img, &dev).await?;
         }
         Ok(())
     }

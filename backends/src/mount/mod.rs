@@ -43,7 +43,26 @@ pub async fn mount(
     }
     // `--` so that a source beginning with '-' can never be read as an option.
     args.extend(["--".into(), source.into(), path_str(target)?.into()]);
-    command::run("mount", &args, timeout).await.map(|_| ())
+    let bind = options.iter().any(|o| o == "bind" || o == "rbind");
+    crate::metrics::timed(fs_family(fs_type, bind), "mount", async {
+        command::run("mount", &args, timeout).await.map(|_| ())
+    })
+    .await
+}
+
+/// The `backend` label of a mount or unmount: a small fixed set, whatever the filesystem type
+/// string (it may come from a StorageClass), so labels cannot multiply.
+fn fs_family(fs_type: &str, bind: bool) -> &'static str {
+    if bind {
+        return "bind";
+    }
+    match fs_type {
+        "nfs" | "nfs4" => "nfs",
+        "glusterfs" | "fuse.glusterfs" => "glusterfs",
+        "ext4" | "ext3" | "ext2" | "xfs" | "btrfs" => "block",
+        t if t.starts_with("fuse") => "fuse",
+        _ => "other",
+    }
 }
 
 /// Bind-mounts `source` onto `target`, read-only when asked, with extra flags.
@@ -60,16 +79,27 @@ pub async fn bind(source: &Path, target: &Path, readonly: bool, flags: &[String]
 /// detached lazily, since a normal unmount of it can hang or fail forever.
 pub async fn unmount(target: &Path) -> Result<()> {
     loop {
-        if mounted_at(target).await?.is_none() {
+        let Some(entry) = mounted_at(target).await? else {
             return Ok(());
-        }
+        };
         let dead = matches!(probe(target).await, Probe::Dead(_));
         let args: Vec<&str> = if dead {
             vec!["-l", path_str(target)?]
         } else {
             vec![path_str(target)?]
         };
-        let out = command::run_status("umount", &args, mount_timeout()).await?;
+        let started = std::time::Instant::now();
+        let out = command::run_status("umount", &args, mount_timeout()).await;
+        let ok = matches!(&out, Ok(o) if o.status == 0);
+        // A bind mount shows its source's filesystem in mountinfo, so unmounts of binds count
+        // under that filesystem's family.
+        crate::metrics::get().record_backend(
+            fs_family(&entry.fs_type, false),
+            "unmount",
+            ok,
+            started.elapsed(),
+        );
+        let out = out?;
         if out.status != 0 && mounted_at(target).await?.is_some() {
             return Err(Error::Internal(format!(
                 "umount {} failed: {}",

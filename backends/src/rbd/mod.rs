@@ -37,6 +37,7 @@ pub mod ffi;
 #[cfg(feature = "rbd")]
 pub mod node;
 
+#[cfg(feature = "rbd")]
 use std::collections::BTreeMap;
 #[cfg(feature = "rbd")]
 use std::collections::HashMap;

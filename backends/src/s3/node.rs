@@ -32,10 +32,13 @@ use super::{
 use crate::command::MOUNT_TIMEOUT;
 use crate::error::{Error, Result};
 use crate::locks::KeyLocks;
+use crate::metrics::{self, FuseLabels};
 use crate::mount::{self, Probe};
 use crate::node::{NodeBackend, NodeFeatures, PublishRequest, StageRequest};
 use crate::types::{Usage, VolumeStats};
 use crate::volume_id::VolumeId;
+
+const FUSE_S3: FuseLabels = FuseLabels { backend: "s3" };
 
 const RECORD: &str = "record.json";
 /// Usage listings are reused this long (kubelet asks every minute; bursts should not list
@@ -156,6 +159,7 @@ impl S3Node {
                 Err(e) => tracing::warn!(error = %e, "could not heal an S3 mount at start"),
             }
         }
+        self.inner.count_running().await;
     }
 }
 
@@ -228,6 +232,17 @@ impl Inner {
         Ok(out)
     }
 
+    /// Sets `stowage_fuse_mounts_running{backend="s3"}` to the mounts on record (one record per
+    /// staged volume, alive or being healed), so the gauge is right after a plugin restart too.
+    async fn count_running(&self) {
+        if let Ok(r) = self.records().await {
+            metrics::get()
+                .fuse_running
+                .get_or_create(&FUSE_S3)
+                .set(r.len() as i64);
+        }
+    }
+
     async fn save(&self, rec: &Record) -> Result<()> {
         let dir = self.dir_of(&rec.staging_path);
         let bytes = serde_json::to_vec_pretty(rec).map_err(|e| Error::Internal(e.to_string()))?;
@@ -272,7 +287,12 @@ impl Inner {
     async fn mount(&self, rec: &mut Record) -> Result<()> {
         let dir = self.dir_of(&rec.staging_path);
         mount::ensure_dir(&rec.staging_path).await?;
-        let pid = mounter::start(&rec.spec, &rec.staging_path, &dir, MOUNT_TIMEOUT).await?;
+        let pid = metrics::timed(
+            "s3",
+            "mounter_start",
+            mounter::start(&rec.spec, &rec.staging_path, &dir, MOUNT_TIMEOUT),
+        )
+        .await?;
         rec.pid = pid;
         self.save(rec).await
     }
@@ -314,6 +334,7 @@ impl Inner {
             detach(&rec.staging_path).await?;
             mounter::stop(rec.pid, &rec.staging_path).await;
             self.mount(&mut rec).await?;
+            metrics::get().fuse_healed.get_or_create(&FUSE_S3).inc();
         }
         for t in &dead_targets {
             if let Some(pt) = rec.targets.get(t) {
@@ -613,6 +634,7 @@ impl NodeBackend for S3Node {
             return Err(e);
         }
         tracing::info!(volume_id = %req.volume_id, mounter = rec.spec.kind.as_str(), pid = rec.pid, "S3 volume mounted");
+        inner.count_running().await;
         Ok(())
     }
 
@@ -641,6 +663,7 @@ impl NodeBackend for S3Node {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(volume_id);
+        inner.count_running().await;
         Ok(())
     }
 

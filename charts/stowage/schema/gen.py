@@ -53,6 +53,13 @@ storage_class = obj({
     "parameters": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}},
 }, ["name", "reclaimPolicy", "volumeBindingMode"])
 
+snapshot_class = obj({
+    "name": K8S_NAME,
+    "isDefault": B,
+    "deletionPolicy": {"enum": ["Delete", "Retain"]},
+    "parameters": {"type": "object", "additionalProperties": {"type": ["string", "number", "boolean"]}},
+}, ["name", "deletionPolicy"])
+
 def backend(kind):
     cfg = {"instances": {"type": "object", "minProperties": 1,
                          "propertyNames": {"pattern": "^[A-Za-z0-9][A-Za-z0-9_.-]*$"},
@@ -66,6 +73,7 @@ def backend(kind):
                           "fsGroupPolicy": {"enum": ["None", "File", "ReadWriteOnceWithFSType"]}},
                          ["attachRequired", "fsGroupPolicy"]),
         "storageClasses": {"type": "array", "items": storage_class},
+        "snapshotClasses": {"type": "array", "items": snapshot_class},
     }
     if kind == "s3":
         props["credentials"] = obj({"existingSecret": S, "create": B, "accessKeyID": S, "secretAccessKey": S})
@@ -90,17 +98,18 @@ schema = obj({
     "controller": obj({"replicas": {"type": "integer", "minimum": 1}, "leaderElection": B,
                        "binder": {"enum": ["kcm", "builtin"]},
                        "duties": {"type": "array", "minItems": 1, "uniqueItems": True,
-                                  "items": {"enum": ["provision", "attach", "resize"]}},
+                                  "items": {"enum": ["provision", "attach", "resize", "snapshot"]}},
                        "kubeApiQps": {"type": "integer", "minimum": 1},
                        "kubeApiBurst": {"type": "integer", "minimum": 1},
-                       "metricsPort": PORT, "hostNetwork": B,
+                       "metricsPort": PORT, "csiMetricsPort": PORT, "hostNetwork": B,
                        "extraEnv": {"type": "array", "items": obj({"name": S, "value": S, "valueFrom": ANY_OBJ}, ["name"])},
                        **sched}),
     "node": obj({"healthPort": PORT, "hostNetwork": B, "maxVolumes": I, "mountTimeoutSecs": {"type": "integer", "minimum": 1},
                  "updateStrategy": ANY_OBJ, **sched}),
-    "metrics": obj({"service": obj({"enabled": B, "port": PORT}),
+    "metrics": obj({"service": obj({"enabled": B, "port": PORT, "csiPort": PORT}),
                     "serviceMonitor": obj({"enabled": B, "interval": S,
                                            "labels": {"type": "object", "additionalProperties": S}})}),
+    "snapshots": obj({"commonController": B}),
     "backends": obj({k: backend(k) for k in ["local", "nfs", "glusterfs", "s3", "rbd"]}),
     "tests": obj({"image": S, "size": {"type": "string", "pattern": "^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$"},
                   "timeoutSeconds": {"type": "integer", "minimum": 10}}),

@@ -295,6 +295,11 @@ impl SnapshotRun<'_> {
                     .push(f.to_owned());
                 self.replace("adding a finalizer").await?;
             }
+            SnapshotStep::SetClass(class) => {
+                tracing::info!(class = %class, "snapshot names no class: the driver's default is written into its spec");
+                self.s.spec.volume_snapshot_class_name = Some(class);
+                self.replace("setting the default class").await?;
+            }
             SnapshotStep::RemoveFinalizers => {
                 if let Some(f) = self.s.metadata.finalizers.as_mut() {
                     f.retain(|x| x != plan::FIN_SOURCE && x != plan::FIN_BOUND);

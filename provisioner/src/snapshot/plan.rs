@@ -223,6 +223,10 @@ pub enum SnapshotStep {
     /// Another driver's snapshot (or one that cannot be told yet): leave it alone.
     Ignore,
     AddFinalizer(&'static str),
+    /// A snapshot naming no class gets the driver's default class written into its spec
+    /// before its content is made, as the upstream snapshot-controller does: backup tools and
+    /// `kubectl get volumesnapshot` read the class from there.
+    SetClass(String),
     CreateContent(Box<VolumeSnapshotContent>),
     /// A pre-provisioned content gets the snapshot's UID in its reference (the binding).
     BindContent(Box<VolumeSnapshotContent>),
@@ -415,6 +419,9 @@ pub fn next_snapshot(i: &SnapshotInput<'_>) -> SnapshotStep {
                     Ok(c) => c,
                     Err(e) => return SnapshotStep::Error(e),
                 };
+                if s.spec.volume_snapshot_class_name.is_none() {
+                    return SnapshotStep::SetClass(o::name(&class.metadata).to_owned());
+                }
                 if class.spec.driver != i.driver {
                     return SnapshotStep::Error(format!(
                         "VolumeSnapshotClass {:?} is for driver {:?}, but the source volume {:?} is of driver {}",

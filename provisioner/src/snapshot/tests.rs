@@ -216,8 +216,17 @@ fn class_choice_and_errors() {
         ),
     ];
     for (what, named, classes, want) in cases {
-        let s = with_finalizers(snap(named), &[FIN_SOURCE]);
-        let got = next_snapshot(&input(&s, &classes, Some(&c), Some(&v), None));
+        let mut s = with_finalizers(snap(named), &[FIN_SOURCE]);
+        let mut got = next_snapshot(&input(&s, &classes, Some(&c), Some(&v), None));
+        // A class-less snapshot first gets the default written into its spec, then its content.
+        if let SnapshotStep::SetClass(name) = &got {
+            assert!(
+                named.is_none(),
+                "{what}: SetClass for a snapshot naming {named:?}"
+            );
+            s.spec.volume_snapshot_class_name = Some(name.clone());
+            got = next_snapshot(&input(&s, &classes, Some(&c), Some(&v), None));
+        }
         match (want, got) {
             (Ok(name), SnapshotStep::CreateContent(content)) => assert_eq!(
                 content.spec.volume_snapshot_class_name.as_deref(),
@@ -592,5 +601,16 @@ fn restore_sources() {
     s.metadata = deleted(s.metadata);
     assert!(
         matches!(r(Some(&s), Some(&content)), RestoreSource::Refused(m) if m.contains("being deleted"))
+    );
+}
+
+#[test]
+fn class_less_snapshot_gets_the_default_class_in_its_spec_first() {
+    let classes = [class("other", "x.io", true, &[]), class("b", D, true, &[])];
+    let (c, v) = (claim(), volume(D));
+    let s = with_finalizers(snap(None), &[FIN_SOURCE]);
+    assert_eq!(
+        next_snapshot(&input(&s, &classes, Some(&c), Some(&v), None)),
+        SnapshotStep::SetClass("b".into())
     );
 }
