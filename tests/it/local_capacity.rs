@@ -306,6 +306,77 @@ async fn image_volume_is_bounded_reports_usage_and_grows() {
     e.ctl.kill();
 }
 
+/// Found by tests/it/chaos.rs (seed 1796630458460567125): a node killed while its
+/// `losetup --find` ran leaves that helper running; it attaches a second loop device to the
+/// image after the restarted node's retry attached (and mounted) its own. The unstage then
+/// detached one device and left the other attached for the node's life. Here the orphan's
+/// device is attached by hand: the unstage must leave no loop device on the image.
+#[tokio::test]
+async fn unstage_detaches_every_loop_device_of_the_image() {
+    assert!(is_root(), "these tests mount; run them as root");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let mut e = start(dir, &base, "    capacity: image\n").await;
+    let vol =
+        e.c.controller
+            .create_volume(wire::create("pvc-twice", 16 * MIB))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+    let staging = e.dir.path().join("staging");
+    let target = e.dir.path().join("target");
+    stage(&mut e, &vol, &staging, &target).await;
+    write_file(&target.join("kept"), 1 << 20).unwrap();
+    let img = base.join("pvc-twice/fs.img");
+    let out = std::process::Command::new("losetup")
+        .args(["--find", "--show", "--"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        loops_under(&base).len(),
+        2,
+        "the orphan's device is attached"
+    );
+    // A repeated stage keeps using the mounted device.
+    stage(&mut e, &vol, &staging, &target).await;
+    assert_eq!(
+        std::fs::metadata(target.join("kept")).unwrap().len(),
+        1 << 20
+    );
+    unstage(&mut e, &vol, &staging, &target).await;
+    assert!(
+        loops_under(&base).is_empty(),
+        "a loop device of the image was left: {:?}",
+        loops_under(&base)
+    );
+    // Staged again, the bytes are there: nothing was lost by detaching the spare device.
+    stage(&mut e, &vol, &staging, &target).await;
+    assert_eq!(
+        std::fs::metadata(target.join("kept")).unwrap().len(),
+        1 << 20
+    );
+    unstage(&mut e, &vol, &staging, &target).await;
+    assert!(loops_under(&base).is_empty());
+    e.c.controller
+        .delete_volume(v1::DeleteVolumeRequest {
+            volume_id: vol.volume_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!base.join("pvc-twice").exists());
+    e.node.kill();
+    e.ctl.kill();
+}
+
 #[tokio::test]
 async fn image_is_made_on_create_and_its_files_are_not_in_the_directory() {
     assert!(is_root(), "these tests mount; run them as root");

@@ -101,6 +101,13 @@ impl LocalNode {
 /// The loop device backed by `file`, if one is attached (read from sysfs, no parsing of
 /// losetup's human output).
 async fn loop_device_for(file: &Path) -> Result<Option<PathBuf>> {
+    Ok(loop_devices_for(file).await?.into_iter().next())
+}
+
+/// Every loop device backed by `file`, in name order. Normally one; two when a node was
+/// killed while its `losetup --find` ran: the orphaned helper attaches a device after the
+/// restarted node's retry attached its own (found by tests/it/chaos.rs).
+async fn loop_devices_for(file: &Path) -> Result<Vec<PathBuf>> {
     let want = tokio::fs::canonicalize(file)
         .await
         .map_err(|e| Error::io(format!("resolving {}", file.display()), e))?;
@@ -108,24 +115,61 @@ async fn loop_device_for(file: &Path) -> Result<Option<PathBuf>> {
         Ok(rd) => rd,
         Err(e) => return Err(Error::io("reading /sys/block", e)),
     };
+    let mut found = Vec::new();
     while let Ok(Some(e)) = rd.next_entry().await {
         let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("loop") {
+        let Some(num) = name
+            .strip_prefix("loop")
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
-        }
+        };
         if let Ok(backing) = tokio::fs::read_to_string(e.path().join("loop/backing_file")).await
             && Path::new(backing.trim_end()) == want
         {
-            return Ok(Some(PathBuf::from(format!("/dev/{name}"))));
+            found.push((num, PathBuf::from(format!("/dev/{name}"))));
         }
     }
-    Ok(None)
+    found.sort();
+    Ok(found.into_iter().map(|(_, d)| d).collect())
+}
+
+/// Whether the filesystem on loop device `dev` is mounted anywhere on this node (mountinfo
+/// names the device by `major:minor`).
+async fn mounted_anywhere(dev: &Path) -> Result<bool> {
+    let Some(name) = dev.file_name().and_then(|n| n.to_str()) else {
+        return Ok(false);
+    };
+    let Ok(num) = tokio::fs::read_to_string(format!("/sys/block/{name}/dev")).await else {
+        // The device went away meanwhile: nothing is mounted from it.
+        return Ok(false);
+    };
+    let num = num.trim();
+    Ok(mount::mountinfo::read().await?.iter().any(|m| m.dev == num))
+}
+
+/// Detaches every loop device backed by `img` that nothing uses any more (`in_use` says), so
+/// that an unstage leaves none behind, however many a crashed node's helpers attached.
+async fn detach_unused(img: &Path, volume_id: &str, block: bool) -> Result<()> {
+    for dev in loop_devices_for(img).await? {
+        let used = if block {
+            bound_anywhere(&dev).await?
+        } else {
+            mounted_anywhere(&dev).await?
+        };
+        if used {
+            continue;
+        }
+        tracing::info!(volume_id, device = %dev.display(), "detaching the volume's loop device");
+        detach_loop(img, &dev).await?;
+    }
+    Ok(())
 }
 
 /// Whether `staged` (the bind-mounted device file of a staging path) is a block device other
-/// than `ours` (this volume's loop device, if attached) that still has a backing file. A file
+/// than `ours` (this volume's loop devices, if attached) that still has a backing file. A file
 /// that is no block device (not mounted, left by a crash) is nobody's and may be cleaned up.
-async fn staged_elsewhere(staged: &Path, ours: Option<&Path>) -> bool {
+async fn staged_elsewhere(staged: &Path, ours: &[PathBuf]) -> bool {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let Ok(md) = tokio::fs::metadata(staged).await else {
         return false;
@@ -143,13 +187,14 @@ async fn staged_elsewhere(staged: &Path, ours: Option<&Path>) -> bool {
     if tokio::fs::metadata(&sys).await.is_err() {
         return false;
     }
-    match ours {
-        None => true,
-        Some(dev) => match tokio::fs::metadata(dev).await {
-            Ok(d) => d.rdev() != md.rdev(),
-            Err(_) => false,
-        },
+    // Another volume's if it is none of this volume's loop devices (or the volume has none).
+    for dev in ours {
+        match tokio::fs::metadata(dev).await {
+            Ok(d) if d.rdev() != md.rdev() => {}
+            _ => return false,
+        }
     }
+    true
 }
 
 /// Whether a loop device node is bind-mounted anywhere (a staged or published raw block
@@ -169,8 +214,8 @@ async fn bound_anywhere(dev: &Path) -> Result<bool> {
 async fn detach_loop(img: &Path, dev: &Path) -> Result<()> {
     match command::run("losetup", &["-d", mount::path_str(dev)?], SHORT_TIMEOUT).await {
         Ok(_) => Ok(()),
-        Err(e) => match loop_device_for(img).await {
-            Ok(Some(now)) if now == dev => Err(e),
+        Err(e) => match loop_devices_for(img).await {
+            Ok(now) if now.iter().any(|d| d == dev) => Err(e),
             _ => Ok(()),
         },
     }
@@ -283,26 +328,14 @@ impl NodeBackend for LocalNode {
     async fn unstage(&self, volume_id: &str, staging_path: &Path) -> Result<()> {
         let device = mount::staged_device(staging_path);
         let block_img = self.volume_dir(volume_id)?.join(BLOCK_IMAGE);
-        if tokio::fs::symlink_metadata(&device).await.is_err()
-            && tokio::fs::metadata(&block_img).await.is_ok()
-            && let Some(dev) = loop_device_for(&block_img).await?
-            && !bound_anywhere(&dev).await?
-        {
-            // The retry after a node killed between removing the staged device file and
-            // detaching (found by tests/it/chaos.rs): the volume's loop device is attached but
-            // bound nowhere. Left attached, it would stay for the node's life and DeleteVolume
-            // would refuse the volume as in use for ever.
-            tracing::info!(volume_id, device = %dev.display(), "detaching the loop device an interrupted unstage left");
-            return detach_loop(&block_img, &dev).await;
-        }
+        let is_block = tokio::fs::metadata(&block_img).await.is_ok();
         if tokio::fs::symlink_metadata(&device).await.is_ok() {
-            let img = self.volume_dir(volume_id)?.join(BLOCK_IMAGE);
-            let ours = if tokio::fs::metadata(&img).await.is_ok() {
-                loop_device_for(&img).await?
+            let ours = if is_block {
+                loop_devices_for(&block_img).await?
             } else {
-                None
+                Vec::new()
             };
-            if staged_elsewhere(&device, ours.as_deref()).await {
+            if staged_elsewhere(&device, &ours).await {
                 // The device staged here is another volume's loop device: this volume is not
                 // staged at this path, so there is nothing of its own to undo. Tearing the
                 // other one down would orphan its loop device.
@@ -311,20 +344,20 @@ impl NodeBackend for LocalNode {
             }
             mount::unmount(&device).await?;
             mount::remove_mount_point(&device).await?;
-            if let Some(dev) = ours {
-                detach_loop(&img, &dev).await?;
-            }
+        }
+        if is_block {
+            // Also the retry after a node killed between removing the staged device file and
+            // detaching (found by tests/it/chaos.rs): the volume's loop device is attached but
+            // bound nowhere. Left attached, it would stay for the node's life and DeleteVolume
+            // would refuse the volume as in use for ever. One still bound at another staging
+            // path is left alone.
+            detach_unused(&block_img, volume_id, true).await?;
         }
         let img = self.volume_dir(volume_id)?.join(FS_IMAGE);
-        let dev = if tokio::fs::metadata(&img).await.is_ok() {
-            loop_device_for(&img).await?
-        } else {
-            None
-        };
         mount::unmount(staging_path).await?;
-        if let Some(dev) = dev {
+        if tokio::fs::metadata(&img).await.is_ok() {
             // After the unmount: the loop device of a mounted filesystem would stay busy.
-            detach_loop(&img, &dev).await?;
+            detach_unused(&img, volume_id, false).await?;
         }
         Ok(())
     }
