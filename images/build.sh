@@ -7,8 +7,8 @@
 #
 # Usage: images/build.sh [--bin-dir DIR] [--out FILE] [--print-path]
 #        images/build.sh --rootfs-only
-#   --bin-dir DIR  take stowage-controller, stowage-node, stowage-provisioner and stowage-docker
-#                  from DIR instead of building them (release builds are what ships)
+#   --bin-dir DIR  take stowage-all (the multicall executable of crate multicall/) from DIR
+#                  instead of building it (a release build is what ships)
 #   --out FILE     also copy the tarball there
 #   --rootfs-only  build (or reuse) only the package root filesystem and print its directory:
 #                  the Docker plugin packages (docker-plugin/packaging/build.sh --rootfs) start
@@ -26,8 +26,11 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)"
 ROOT="$(cd "$HERE/.." && pwd -P)"
 CACHE_ROOT="${STOWAGE_CACHE:-$HOME/.cache/stowage}"
 IMG_DIR="$CACHE_ROOT/images"
-BINS=(stowage-controller stowage-node stowage-provisioner stowage-docker)
-PKGS=(stowage-controller stowage-node stowage-provisioner stowage-docker)
+# One executable holds every binary (they share most of their code: one copy instead of five
+# saves tens of MB); the image links each binary's name to it.
+BINS=(stowage-all)
+PKGS=(stowage-multicall)
+LINKS=(stowage-controller stowage-node stowage-provisioner stowage-docker stowage)
 SUITE=bookworm
 
 log() { printf '[images/build.sh %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
@@ -166,6 +169,7 @@ umoci unpack --image "$w/layout:$version" "$w/bundle" >/dev/null
 cp -a "$rootfs/." "$w/bundle/rootfs/"
 umoci repack --image "$w/layout:$version" "$w/bundle"
 for b in "${BINS[@]}"; do install -m 0755 "$bin_dir/$b" "$w/bundle/rootfs/usr/local/bin/$b"; done
+for l in "${LINKS[@]}"; do ln -sf stowage-all "$w/bundle/rootfs/usr/local/bin/$l"; done
 umoci repack --image "$w/layout:$version" "$w/bundle"
 umoci config --image "$w/layout:$version" --os linux --architecture amd64 \
   --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

@@ -57,6 +57,10 @@ pub struct VolumeRow {
     pub attach: String,
     pub node: String,
     pub age_seconds: i64,
+    /// From the kubelet of a node where a pod mounts it (see [`crate::usage`]); none when not
+    /// mounted or not asked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::Usage>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -73,6 +77,9 @@ pub struct ClaimRow {
     pub capacity: String,
     pub access_modes: Vec<String>,
     pub age_seconds: i64,
+    /// As [`VolumeRow::usage`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<crate::usage::Usage>,
 }
 
 /// One stuck item, with what the cluster says about it and a next step.
@@ -94,6 +101,9 @@ pub struct Report {
     pub volumes: Vec<VolumeRow>,
     pub claims: Vec<ClaimRow>,
     pub problems: Vec<Problem>,
+    /// What could not be read (a kubelet that did not answer for usage), said under the tables.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 fn age(now: Timestamp, t: Option<Timestamp>) -> i64 {
@@ -256,6 +266,7 @@ pub fn explain(i: &Inputs) -> Report {
             attach,
             node,
             age_seconds: pv_age,
+            usage: None,
         });
         let ev = last_event(
             i.events,
@@ -416,6 +427,7 @@ pub fn explain(i: &Inputs) -> Report {
             capacity,
             access_modes: spec.access_modes.clone().unwrap_or_default(),
             age_seconds: c_age,
+            usage: None,
         });
         if phase == "Pending" && c_age >= i.pending_after_secs {
             let ev = last_event(

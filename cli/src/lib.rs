@@ -1,6 +1,7 @@
 //! `stowage`, the admin CLI of Stowage's drivers: `status` (what Stowage volumes and claims
 //! are doing and which are stuck, [`explain`] decides, [`status`] lists), `doctor` (node,
-//! backend and cluster checks) and `import` (static PVs for existing backend volumes).
+//! backend and cluster checks) and `import` (static PVs for existing backend volumes);
+//! [`usage`] reads mounted volumes' usage from the kubelets for `status`.
 
 pub mod doctor;
 pub mod explain;
@@ -8,3 +9,4 @@ pub mod kube;
 pub mod migrate;
 pub mod output;
 pub mod status;
+pub mod usage;

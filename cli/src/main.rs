@@ -71,6 +71,10 @@ struct StatusArgs {
     /// the new report replaces the old; otherwise only changed reports are printed).
     #[arg(short = 'w', long)]
     watch: bool,
+    /// Do not ask the kubelets for the usage of mounted volumes (the USED column; needs get on
+    /// nodes/proxy and list on pods).
+    #[arg(long)]
+    no_usage: bool,
 }
 
 #[derive(Args, Debug)]
@@ -169,6 +173,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let opts = StatusOptions {
                 namespace: a.namespace,
                 pending_after_secs: a.pending_after,
+                usage: !a.no_usage,
             };
             if a.watch {
                 use std::io::IsTerminal;
@@ -431,7 +436,7 @@ async fn migrate(a: MigrateArgs, kubeconfig: Option<&std::path::Path>) -> anyhow
 }
 
 #[tokio::main]
-async fn main() -> ExitCode {
+pub async fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli).await {
         Ok(code) => code,

@@ -2,7 +2,9 @@
 
 use std::io::Write;
 
-use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim};
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::{Event, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::api::storage::v1::{StorageClass, VolumeAttachment};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::ListParams;
@@ -10,6 +12,7 @@ use kube::{Api, Client};
 
 use crate::explain::{self, Inputs, Report, human_age};
 use crate::output::{self, Format, OutputError};
+use crate::usage;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -27,7 +30,12 @@ pub struct StatusOptions {
     /// Only claims of this namespace (PVs are cluster-wide and always listed).
     pub namespace: Option<String>,
     pub pending_after_secs: i64,
+    /// Ask the kubelets of nodes running pods of Stowage claims for the volumes' usage.
+    pub usage: bool,
 }
+
+/// How long one kubelet's stats summary may take (through the API server's node proxy).
+const SUMMARY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn list<K>(api: Api<K>, what: &'static str, lp: &ListParams) -> Result<Vec<K>, StatusError>
 where
@@ -147,7 +155,7 @@ pub async fn gather(client: &Client, opts: &StatusOptions) -> Result<Report, Sta
         )
         .await?,
     );
-    Ok(explain::explain(&Inputs {
+    let mut report = explain::explain(&Inputs {
         pvs: &pvs,
         claims: &claims,
         classes: &classes,
@@ -155,7 +163,71 @@ pub async fn gather(client: &Client, opts: &StatusOptions) -> Result<Report, Sta
         events: &events,
         now: Timestamp::now(),
         pending_after_secs: opts.pending_after_secs,
-    }))
+    });
+    if opts.usage {
+        let (map, notes) = usage_of(client, opts, &report).await;
+        usage::apply(&mut report, &map);
+        report.notes.extend(notes);
+    }
+    Ok(report)
+}
+
+/// Usage of the bound claims mounted by running pods, from the kubelets of their nodes (asked
+/// at once, each bounded). Whatever cannot be read becomes a note, never an error: the status
+/// of claims matters more than their usage.
+async fn usage_of(
+    client: &Client,
+    opts: &StatusOptions,
+    report: &Report,
+) -> (usage::UsageMap, Vec<String>) {
+    let bound: BTreeSet<String> = report
+        .claims
+        .iter()
+        .filter(|c| c.phase == "Bound")
+        .map(|c| format!("{}/{}", c.namespace, c.name))
+        .collect();
+    let mut notes = Vec::new();
+    if bound.is_empty() {
+        return (usage::UsageMap::new(), notes);
+    }
+    let pods_api: Api<Pod> = match &opts.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let pods = match pods_api.list(&ListParams::default()).await {
+        Ok(l) => l.items,
+        Err(e) => {
+            notes.push(format!("usage not shown: listing pods: {e}"));
+            return (usage::UsageMap::new(), notes);
+        }
+    };
+    let nodes = usage::nodes_to_ask(&pods, &bound);
+    let asks = nodes.iter().map(|node| async move {
+        let uri = format!("/api/v1/nodes/{node}/proxy/stats/summary");
+        let req = match http::Request::get(uri).body(Vec::new()) {
+            Ok(r) => r,
+            Err(e) => return (node, Err(e.to_string())),
+        };
+        let res = match tokio::time::timeout(SUMMARY_TIMEOUT, client.request_text(req)).await {
+            Err(_) => Err(format!("no answer within {}s", SUMMARY_TIMEOUT.as_secs())),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(text)) => usage::parse_summary(text.as_bytes())
+                .map_err(|e| format!("unreadable stats summary: {e}")),
+        };
+        (node, res)
+    });
+    let mut map = usage::UsageMap::new();
+    for (node, res) in futures::future::join_all(asks).await {
+        match res {
+            Ok(m) => {
+                for (k, v) in m {
+                    map.entry(k).or_insert(v);
+                }
+            }
+            Err(e) => notes.push(format!("usage from node {node} not shown: {e}")),
+        }
+    }
+    (map, notes)
 }
 
 pub fn print(out: &mut dyn Write, format: Format, r: &Report) -> Result<(), OutputError> {
@@ -168,7 +240,7 @@ pub fn print(out: &mut dyn Write, format: Format, r: &Report) -> Result<(), Outp
     }
     if !r.volumes.is_empty() {
         let mut header = vec![
-            "VOLUME", "PHASE", "BACKEND", "CLASS", "CAPACITY", "CLAIM", "ATTACH", "AGE",
+            "VOLUME", "PHASE", "BACKEND", "CLASS", "CAPACITY", "USED", "CLAIM", "ATTACH", "AGE",
         ];
         if wide {
             header.extend(["ACCESS MODES", "RECLAIM", "NODE", "HANDLE"]);
@@ -183,6 +255,7 @@ pub fn print(out: &mut dyn Write, format: Format, r: &Report) -> Result<(), Outp
                     v.backend.clone(),
                     dash(&v.class),
                     dash(&v.capacity),
+                    used(v.usage),
                     dash(&v.claim),
                     v.attach.clone(),
                     human_age(v.age_seconds),
@@ -212,6 +285,7 @@ pub fn print(out: &mut dyn Write, format: Format, r: &Report) -> Result<(), Outp
             "BACKEND",
             "CLASS",
             "CAPACITY",
+            "USED",
             "AGE",
         ];
         if wide {
@@ -229,6 +303,7 @@ pub fn print(out: &mut dyn Write, format: Format, r: &Report) -> Result<(), Outp
                     c.backend.clone(),
                     dash(&c.class),
                     dash(&c.capacity),
+                    used(c.usage),
                     human_age(c.age_seconds),
                 ];
                 if wide {
@@ -259,7 +334,14 @@ pub fn print(out: &mut dyn Write, format: Format, r: &Report) -> Result<(), Outp
             writeln!(out, "    fix: {}", p.hint)?;
         }
     }
+    for n in &r.notes {
+        writeln!(out, "note: {n}")?;
+    }
     Ok(())
+}
+
+fn used(u: Option<usage::Usage>) -> String {
+    u.map_or_else(|| "-".into(), |u| u.human())
 }
 
 fn dash(s: &str) -> String {

@@ -11,6 +11,7 @@ use stowage_csi::serve::Listener;
 
 #[derive(Parser, Debug)]
 #[command(
+    name = "stowage-controller",
     version = stowage_version::VERSION,
     about = "Stowage CSI controller plugin (Identity + Controller + stowage.v1)"
 )]
@@ -35,7 +36,7 @@ struct Args {
     log_format: String,
 }
 
-fn main() -> anyhow::Result<()> {
+pub fn main() -> anyhow::Result<()> {
     // A small runtime (stowage_csi::runtime): a plugin mostly waits.
     stowage_csi::runtime::build()?.block_on(run())
 }
@@ -49,6 +50,15 @@ async fn run() -> anyhow::Result<()> {
     let file = ConfigFile::load(&args.config)?;
     file.check_per_driver("--endpoint", &args.endpoint)
         .map_err(anyhow::Error::msg)?;
+    // Bound first, so a taken port stops the start with the flag named before any socket exists.
+    let metrics = match args.metrics_address {
+        Some(addr) => Some(
+            stowage_csi::metrics::bind(addr)
+                .await
+                .with_context(|| format!("--metrics-address {addr}"))?,
+        ),
+        None => None,
+    };
     // Every backend is built and every socket bound before any serves: a bad instance or a
     // taken socket stops the start instead of leaving some drivers up and others missing.
     let mut servers = Vec::new();
@@ -68,11 +78,8 @@ async fn run() -> anyhow::Result<()> {
     }
     // One shutdown for gRPC and /metrics: SIGTERM stops both.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    if let Some(addr) = args.metrics_address {
-        // Bound before serving, so a taken port stops the start with the flag named.
-        stowage_csi::metrics::start(addr, stop_rx.clone())
-            .await
-            .with_context(|| format!("--metrics-address {addr}"))?;
+    if let Some(listener) = metrics {
+        stowage_csi::metrics::start(listener, stop_rx.clone());
     }
     let shutdown = async move {
         stowage_csi::serve::shutdown_signal().await;

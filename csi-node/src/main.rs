@@ -12,7 +12,11 @@ use stowage_node::health::Health;
 use stowage_node::registration::{Registration, Tracker};
 
 #[derive(Parser, Debug)]
-#[command(version = stowage_version::VERSION, about = "Stowage CSI node plugin (Identity + Node)")]
+#[command(
+    name = "stowage-node",
+    version = stowage_version::VERSION,
+    about = "Stowage CSI node plugin (Identity + Node)"
+)]
 struct Args {
     /// Where to serve: unix:///path/csi.sock (or tcp://host:port, e.g. inside a test VM).
     /// `{driver}` is replaced by the driver name; required with several backends.
@@ -61,7 +65,7 @@ struct Args {
     log_format: String,
 }
 
-fn main() -> anyhow::Result<()> {
+pub fn main() -> anyhow::Result<()> {
     // A small runtime (stowage_csi::runtime): a plugin mostly waits.
     stowage_csi::runtime::build()?.block_on(run())
 }
@@ -100,6 +104,26 @@ async fn run() -> anyhow::Result<()> {
         stowage_csi::serve::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
+    // The probe and metrics ports are bound before any socket exists or any registration
+    // starts: a taken port stops the start with a clear error naming the flag, instead of a
+    // DaemonSet restarted forever by a failing probe or a node serving without its metrics.
+    let shared = args.metrics_address.is_some() && args.metrics_address == args.health_address;
+    let health_listener = match args.health_address {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--health-address {addr}"))?,
+        ),
+        None => None,
+    };
+    let metrics_listener = match (args.metrics_address, shared) {
+        (Some(addr), false) => Some(
+            stowage_csi::metrics::bind(addr)
+                .await
+                .with_context(|| format!("--metrics-address {addr}"))?,
+        ),
+        _ => None,
+    };
     let mut servers = Vec::new();
     let mut sockets = Vec::new();
     let mut kubelet = Vec::new();
@@ -152,17 +176,11 @@ async fn run() -> anyhow::Result<()> {
         registrations.push((r.driver.clone(), tracker.clone()));
         tokio::spawn(r.run(tracker, stop_rx.clone()));
     }
-    let shared = args.metrics_address.is_some() && args.metrics_address == args.health_address;
-    if let Some(addr) = args.health_address {
+    if let Some(l) = health_listener {
         let health = Health {
             csi: sockets,
             registrations,
         };
-        // Bound here so a taken probe port stops the start with a clear error instead of
-        // a DaemonSet restarted forever by a failing probe.
-        let l = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("--health-address {addr}"))?;
         let rx = stop_rx.clone();
         tokio::spawn(async move {
             if let Err(e) = health.serve(l, shared, rx).await {
@@ -170,10 +188,8 @@ async fn run() -> anyhow::Result<()> {
             }
         });
     }
-    if let (Some(addr), false) = (args.metrics_address, shared) {
-        stowage_csi::metrics::start(addr, stop_rx.clone())
-            .await
-            .with_context(|| format!("--metrics-address {addr}"))?;
+    if let Some(listener) = metrics_listener {
+        stowage_csi::metrics::start(listener, stop_rx.clone());
     }
     let mut rx = stop_rx;
     stowage_csi::serve::serve_all(servers, async move {

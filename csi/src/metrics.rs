@@ -39,14 +39,15 @@ pub async fn serve(
         .await
 }
 
-/// Binds `addr` (an error here names the address, so a taken port stops the start) and serves
-/// `/metrics` on it in a task until `stop` turns true: what `--metrics-address` of the
-/// controller and the node does.
-pub async fn start(
-    addr: std::net::SocketAddr,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+/// Binds `addr` for `--metrics-address`: done before anything serves, so a taken port stops
+/// the start (the caller's error names the flag and the address).
+pub async fn bind(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await
+}
+
+/// Serves `/metrics` on `listener` in a task until `stop` turns true: what
+/// `--metrics-address` of the controller and the node does.
+pub fn start(listener: tokio::net::TcpListener, mut stop: tokio::sync::watch::Receiver<bool>) {
     tokio::spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|stop| *stop).await;
@@ -55,5 +56,4 @@ pub async fn start(
             tracing::error!(error = %e, "/metrics server failed");
         }
     });
-    Ok(())
 }

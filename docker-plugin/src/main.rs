@@ -13,6 +13,7 @@ use stowage_docker::{Driver, Scope, Settings};
 
 #[derive(Parser, Debug)]
 #[command(
+    name = "stowage-docker",
     version = stowage_version::VERSION,
     about = "Stowage for Docker: volume plugin and Swarm cluster-volume CSI endpoint"
 )]
@@ -222,7 +223,7 @@ async fn csi(args: CsiArgs) -> anyhow::Result<()> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+pub async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     stowage_csi::identity::set_vendor_version(stowage_version::VERSION);
     stowage_csi::logging::init(&args.log_format)?;

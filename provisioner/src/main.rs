@@ -25,6 +25,7 @@ use stowage_provisioner::metrics::Metrics;
 
 #[derive(Parser, Debug)]
 #[command(
+    name = "stowage-provisioner",
     version = stowage_version::VERSION,
     about = "Stowage Kubernetes provisioner: provisions, binds and reclaims (Delete, Retain, Recycle), attaches and resizes volumes of a Stowage CSI driver"
 )]
@@ -226,7 +227,7 @@ fn parse_endpoints(list: &str) -> anyhow::Result<Vec<Endpoint>> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+pub async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(Cmd::Crds) = cli.cmd {
         print!("{}", stowage_provisioner::snapshot::types::crds_yaml()?);

@@ -237,3 +237,70 @@ async fn counters_histograms_and_gauges_move_with_real_calls() {
     assert!(ctl.terminate().await);
     assert!(node.terminate().await);
 }
+
+/// `--metrics-address` bad input: a malformed address is refused at start by the flag parser
+/// naming the flag; a port another process holds stops the start with an error naming the
+/// flag and the address (no half-started plugin serving CSI without its metrics).
+#[tokio::test]
+async fn a_taken_or_malformed_metrics_address_stops_the_start_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = local_config(dir.path(), &dir.path().join("base")).unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    for (binary, extra) in [
+        ("stowage-controller", vec![]),
+        (
+            "stowage-node",
+            vec![
+                "--node-id".to_string(),
+                "metrics-bad".to_string(),
+                "--kubelet-root".to_string(),
+                path(dir.path()),
+                "--kubelet-registration".to_string(),
+                "false".to_string(),
+            ],
+        ),
+    ] {
+        for (addr, want) in [
+            ("127.0.0.1:notaport", "--metrics-address"),
+            ("localhost", "--metrics-address"),
+            (taken_addr.as_str(), taken_addr.as_str()),
+        ] {
+            let run = dir
+                .path()
+                .join(format!("{binary}-{}", addr.replace([':', '.'], "_")));
+            std::fs::create_dir_all(&run).unwrap();
+            let mut args = vec![
+                "--config".to_string(),
+                path(&cfg),
+                "--metrics-address".to_string(),
+                addr.to_string(),
+            ];
+            args.extend(extra.iter().cloned());
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut p = Plugin::spawn(
+                binary,
+                &run,
+                &format!("unix://{}", run.join("s.sock").display()),
+                &args,
+            )
+            .unwrap();
+            let err = p
+                .ready()
+                .await
+                .expect_err(&format!("{binary} started with --metrics-address {addr}"));
+            let log = p.log_text();
+            assert!(
+                err.to_string().contains("exited")
+                    && log.contains(want)
+                    && log.contains("metrics-address"),
+                "{binary} --metrics-address {addr}: the error must name the flag and the address:\n{err:#}"
+            );
+            assert!(
+                !run.join("s.sock").exists(),
+                "{binary} --metrics-address {addr} left its CSI socket serving"
+            );
+        }
+    }
+    drop(taken);
+}

@@ -208,7 +208,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 pods_bins() {
   local bin=${STOWAGE_BIN_DIR:-${CARGO_TARGET_DIR:-$STOWAGE_CACHE/target}/debug} b
   mkdir -p "$work/bin"
-  for b in stowage-controller stowage-node stowage-provisioner; do
+  for b in stowage-controller stowage-node stowage-provisioner stowage; do
     ln "$bin/$b" "$work/bin/$b" 2>/dev/null || cp "$bin/$b" "$work/bin/$b" || bail "$bin/$b missing: build the workspace first"
   done
 }

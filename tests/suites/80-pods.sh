@@ -392,6 +392,15 @@ s_volume_stats() {
   until_ok 60 stats_caught_up
   used=$(metric kubelet_volume_stats_used_bytes "$c"); cap=$(metric kubelet_volume_stats_capacity_bytes "$c")
   say "volume stats for $c: used_bytes $used capacity_bytes $cap (pod wrote 8388608 of a 64Mi claim)"
+  # `stowage status` shows the same figures (it reads the kubelet's stats summary through the
+  # API server's node proxy) in its USED column and in -o json.
+  local st cli_used
+  st=$(timeout 60 "$work/bin/stowage" status -n "$ns" -o json 2>&1)
+  cli_used=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); print(next((c["usage"]["usedBytes"] for c in d["claims"] if c["name"]==sys.argv[2] and "usage" in c), ""))' "$st" "$c" 2>/dev/null)
+  [ "${cli_used:-0}" -ge 8388608 ] ||
+    { why="stowage status -o json shows no usage >= 8 MiB for $c: $(echo "$st" | tail -c 600)"; delete_pod stats; return 1; }
+  timeout 60 "$work/bin/stowage" status -n "$ns" 2>&1 | grep -E "^$ns +$c +Bound .*Mi/[0-9.]+Mi \([0-9]+%\)" >/dev/null ||
+    { why="stowage status table has no USED figure for $c: $(timeout 60 "$work/bin/stowage" status -n "$ns" 2>&1 | tail -n 5)"; delete_pod stats; return 1; }
   delete_pod stats || return 1
   # The numbers must be the volume's: 8 MiB used (give or take metadata), capacity the claim's
   # 64 MiB less what the volume's own filesystem keeps for itself (ext4 in the image: ~15%),
@@ -399,7 +408,7 @@ s_volume_stats() {
   [ "${used:-0}" -ge 8388608 ] && [ "${used:-0}" -le 12582912 ] &&
     [ "${cap:-0}" -ge 50331648 ] && [ "${cap:-0}" -le 67108864 ] ||
     { why="kubelet_volume_stats_used_bytes $used / capacity_bytes $cap do not describe the volume (8 MiB written, 64 MiB claim)"; return 1; }
-  detail="used $used, capacity $cap of a 64 MiB claim"
+  detail="used $used, capacity $cap of a 64 MiB claim; stowage status used $cli_used"
 }
 
 psql_() { timeout 20 psql -X -q -At -h "$pg_ip" -U postgres -d postgres "$@"; }
@@ -489,7 +498,7 @@ run "volumeMode Block: dd write, second pod reads back" s_block
 run "ReadWriteOncePod: second pod refused, runs after the first" s_rwop
 run "generic ephemeral volume deleted with its pod" s_ephemeral
 run "fsGroup (fsGroupPolicy File) and subPath" s_fsgroup_subpath
-run "kubelet_volume_stats_* match what the pod wrote" s_volume_stats
+run "kubelet_volume_stats_* and stowage status USED match what the pod wrote" s_volume_stats
 run "stowage-node SIGKILL + restart: driver re-registered" s_restart
 run "kubelet restart: driver re-registered, running pod keeps its volume" s_kubelet_restart
 run "PostgreSQL StatefulSet: kill -9 mid-insert, every acknowledged row present" s_postgres
