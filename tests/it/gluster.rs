@@ -810,3 +810,83 @@ async fn controller_drives_glusterd_over_ssh() {
             .status();
     }
 }
+
+/// `stowage doctor --backend glusterfs` against the real glusterd: the configured volume is
+/// OK (mounted and listed through the controller's own code); a volume that does not exist
+/// and an unreachable glusterd socket are FAIL with the volume named and a hint, exit code 1.
+#[tokio::test]
+async fn doctor_probes_the_gluster_volume() {
+    let Some(g) = gluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let base = unique("doctor");
+    let good = g.config(dir.path(), &base, "");
+    let run = |cfg: &std::path::Path| {
+        let o = std::process::Command::new(stowage_tests::bin("stowage").unwrap())
+            .args([
+                "doctor",
+                "-o",
+                "json",
+                "--no-cluster",
+                "--backend",
+                "glusterfs",
+                "--config",
+            ])
+            .arg(cfg)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+            panic!(
+                "doctor JSON ({e}): {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+        (o.status.code(), v)
+    };
+    let (code, v) = run(&good);
+    let checks = v["checks"].as_array().cloned().unwrap_or_default();
+    assert_eq!(code, Some(0), "{v:#}");
+    assert!(
+        checks.iter().any(|c| c["level"] == "OK"
+            && c["name"] == "glusterfs/main"
+            && c["detail"].as_str().unwrap_or_default().contains(&g.volume)),
+        "{v:#}"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !mounts.contains(&dir.path().display().to_string()),
+        "doctor left its management mount behind:\n{mounts}"
+    );
+    // Another directory: a volume that glusterd does not have, then a glusterd socket that
+    // nothing serves.
+    for (i, (from, to)) in [
+        (
+            format!("volume: {}", g.volume),
+            "volume: stowage-no-such-volume".to_string(),
+        ),
+        (
+            format!("socket: {}", g.sock.display()),
+            format!("socket: {}", dir.path().join("nothing.sock").display()),
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let sub = dir.path().join(format!("bad{i}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let cfg = g.config(&sub, &base, "");
+        let text = std::fs::read_to_string(&cfg).unwrap().replace(&from, &to);
+        std::fs::write(&cfg, text).unwrap();
+        let (code, v) = run(&cfg);
+        assert_eq!(code, Some(1), "{to}: {v:#}");
+        let c = v["checks"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == "glusterfs/main").cloned())
+            .unwrap_or_default();
+        assert_eq!(c["level"], "FAIL", "{to}: {v:#}");
+        assert!(
+            c["hint"].as_str().unwrap_or_default().contains("glusterd"),
+            "{to}: {c:#}"
+        );
+    }
+}

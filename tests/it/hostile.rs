@@ -104,7 +104,7 @@ fn hostile_map() -> impl Strategy<Value = BTreeMap<String, String>> {
         1 => proptest::collection::btree_map("[a-zA-Z./-]{0,20}", "\\PC{0,20}", 0..4),
         1 => Just(BTreeMap::from([("k".repeat(10_000), "v".repeat(10_000))])),
         1 => Just(BTreeMap::from([("onDelete".into(), "explode".into())])),
-        1 => Just(BTreeMap::from([("mode".into(), "0\0777".into())])),
+        1 => Just(BTreeMap::from([("mode".into(), "0\x00777".into())])),
         1 => Just(BTreeMap::from([("uid".into(), "-1".into())])),
     ]
 }

@@ -646,3 +646,88 @@ async fn bad_input_is_refused_with_the_field_named() {
             .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
 }
+
+/// `stowage doctor --backend rbd` against the real cluster: the configured pool is OK
+/// (monitors reached with the instance's keyring, pool opened, images listed); a pool that
+/// does not exist and monitors that do not answer are FAIL with a hint, exit code 1.
+#[tokio::test]
+async fn doctor_probes_the_ceph_pool() {
+    let Some(env) = cluster() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let run = |cfg: &std::path::Path| {
+        let o = std::process::Command::new(stowage_tests::bin("stowage").unwrap())
+            .args([
+                "doctor",
+                "-o",
+                "json",
+                "--no-cluster",
+                "--backend",
+                "rbd",
+                "--config",
+            ])
+            .arg(cfg)
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+            panic!(
+                "doctor JSON ({e}): {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+        let c = v["checks"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == "rbd/default").cloned())
+            .unwrap_or_default();
+        (o.status.code(), c, v)
+    };
+    let good = config(&env, dir.path(), "doctor", "");
+    let (code, c, v) = run(&good);
+    assert_eq!(code, Some(0), "{v:#}");
+    assert_eq!(c["level"], "OK", "{v:#}");
+    assert!(
+        c["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("pool rbd"),
+        "{c:#}"
+    );
+    let dead_mon = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead = format!("127.0.0.1:{}", dead_mon.local_addr().unwrap().port());
+    drop(dead_mon);
+    for (i, (from, to, hint)) in [
+        (
+            "pool: rbd".to_string(),
+            "pool: stowage-no-such-pool".to_string(),
+            "ceph osd pool ls",
+        ),
+        (
+            format!("monitors: \"{}\"", env["CEPH_MON_HOST"]),
+            format!("monitors: \"{dead}\""),
+            "ceph -s",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let sub = dir.path().join(format!("bad{i}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let cfg = config(&env, &sub, "doctor", "    opTimeoutSecs: 5\n");
+        let text = std::fs::read_to_string(&cfg).unwrap();
+        assert!(text.contains(&from), "{text}");
+        std::fs::write(&cfg, text.replace(&from, &to)).unwrap();
+        let started = std::time::Instant::now();
+        let (code, c, v) = run(&cfg);
+        assert_eq!(code, Some(1), "{to}: {v:#}");
+        assert_eq!(c["level"], "FAIL", "{to}: {v:#}");
+        assert!(
+            c["hint"].as_str().unwrap_or_default().contains(hint),
+            "{to}: {c:#}"
+        );
+        println!(
+            "doctor with {to}: FAIL in {:.1}s: {}",
+            started.elapsed().as_secs_f64(),
+            c["detail"]
+        );
+    }
+}

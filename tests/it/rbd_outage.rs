@@ -79,3 +79,69 @@ async fn osd_stopped_mid_create_gives_a_clear_error_and_no_half_image() {
     r.delete(&warm.volume_id).await.unwrap();
     assert!(!r.images().contains(image), "image left after delete");
 }
+
+/// The OSD stopped while CreateSnapshot runs: a clear, retryable error within the bound; once
+/// the OSD is back no half-made snapshot is listed, the CO's retry gives exactly one snapshot
+/// on the image, and deleting it (and the volume) leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn osd_stopped_mid_snapshot_gives_a_clear_error_and_no_half_snapshot() {
+    let Some(mut r) = Rbd::start_with(0, "    opTimeoutSecs: 5\n").await else {
+        return;
+    };
+    let vol = r
+        .create(create_req(&unique("snapsrc"), 16 << 20, fs_cap("ext4")))
+        .await
+        .unwrap();
+    let image = vol.volume_context["imageName"].clone();
+    let snap_name = unique("outage-snap");
+
+    ceph_sh(&r.env, "stop-osd");
+    let started = Instant::now();
+    let res = r.snapshot(&snap_name, &vol.volume_id).await;
+    let took = started.elapsed();
+    ceph_sh(&r.env, "start-osd");
+    let e = res.expect_err("CreateSnapshot succeeded with the only OSD down");
+    assert!(
+        matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{e:?}"
+    );
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    println!(
+        "CreateSnapshot with the OSD down: {:?} after {took:.1?}: {}",
+        e.code(),
+        e.message()
+    );
+
+    // Recovered: nothing of the failed call is listed as a snapshot of the volume.
+    let listed =
+        r.c.controller
+            .list_snapshots(stowage_csi::v1::ListSnapshotsRequest {
+                source_volume_id: vol.volume_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+    let ready: Vec<_> = listed
+        .entries
+        .iter()
+        .filter_map(|s| s.snapshot.as_ref())
+        .filter(|s| s.ready_to_use)
+        .collect();
+    assert!(ready.len() <= 1, "{ready:?}");
+    // The retry yields one snapshot, the same on a repeat.
+    let snap = r.snapshot(&snap_name, &vol.volume_id).await.unwrap();
+    let again = r.snapshot(&snap_name, &vol.volume_id).await.unwrap();
+    assert_eq!(snap.snapshot_id, again.snapshot_id);
+    let snaps = r.rbd(&["snap", "ls", &image]).unwrap();
+    assert_eq!(
+        snaps.lines().filter(|l| l.contains("csi-snap-")).count(),
+        1,
+        "one snapshot on the image after the retry:\n{snaps}"
+    );
+    r.delete_snapshot(&snap.snapshot_id).await.unwrap();
+    let snaps = r.rbd(&["snap", "ls", &image]).unwrap();
+    assert!(!snaps.contains("csi-snap-"), "{snaps}");
+    r.delete(&vol.volume_id).await.unwrap();
+    assert!(!r.images().contains(&image), "image left after delete");
+}

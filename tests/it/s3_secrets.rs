@@ -146,7 +146,7 @@ async fn one_life(mounter: &str) {
     p.c.controller.delete_volume(req).await.unwrap();
     let left: Vec<_> = files_containing(p.dir.path(), &secret)
         .into_iter()
-        .filter(|(path, _)| !path.extension().is_some_and(|e| e == "log"))
+        .filter(|(path, _)| path.extension().is_none_or(|e| e != "log"))
         .collect();
     assert!(
         left.is_empty(),

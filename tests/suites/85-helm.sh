@@ -143,8 +143,17 @@ img_lists() {
   grep -q '"$HERE/packages.sh" install' "$bs" && grep -q '"$HERE/packages.sh" purge' "$bs" || { why="build.sh does not read packages.sh"; return 1; }
   [ "$(grep -c -- '--include=' "$bs")" = 1 ] && grep -q -- '--include="$list"' "$bs" || { why="build.sh includes packages outside the list"; return 1; }
   [ "$("$root/images/packages.sh" install | wc -l)" -ge 10 ] || { why="packages.sh install lists fewer than 10 packages"; return 1; }
+  # The same files trimmed after the install, the same executable and links.
+  local trim p links l
+  trim=$(sed -n 's/^TRIM_PATHS="\(.*\)"$/\1/p' "$bs")
+  [ -n "$trim" ] || { why="build.sh has no TRIM_PATHS"; return 1; }
+  for p in $trim; do grep -q "/$p[ ;]" "$df" || { why="Dockerfile does not remove /$p (build.sh's TRIM_PATHS)"; return 1; }; done
+  grep -q -- '-p stowage-multicall' "$df" || { why="Dockerfile does not build the stowage-multicall executable"; return 1; }
+  links=$(sed -n 's/^LINKS=(\(.*\))$/\1/p' "$bs")
+  [ -n "$links" ] || { why="build.sh has no LINKS"; return 1; }
+  grep -q "for l in $links; do" "$df" || { why="Dockerfile does not link $links to stowage-all"; return 1; }
 }
-why=""; check "Dockerfile and images/build.sh install the same package list" "$why" img_lists
+why=""; check "Dockerfile and images/build.sh: same package list, trims, executable and links" "$why" img_lists
 
 if [ "${HELM_STATIC_ONLY:-0}" = 1 ]; then
   say "HELM_STATIC_ONLY=1: kubelet part not run"

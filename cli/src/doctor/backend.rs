@@ -14,7 +14,7 @@ use stowage_backends::config::{Config, Instances, S3Config};
 use stowage_backends::s3::client::{self as s3c, Creds, Endpoint};
 use stowage_backends::types::Secrets;
 
-use super::Check;
+use super::{Check, Level};
 
 const S: &str = "backend";
 const PROBE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -87,12 +87,8 @@ pub async fn checks(
                 Config::Local(i) => local(&name, &i.instances[&inst].base_dir),
                 Config::Nfs(i) => nfs(&name, &one, &i.instances[&inst]).await,
                 Config::S3(s) => s3(&name, &s.instances[&inst], secrets).await,
-                Config::Glusterfs(_) | Config::Rbd(_) => Check::warn(
-                    S,
-                    name,
-                    "not probed by this version of doctor",
-                    "check it with the backend's own CLI (gluster volume info / ceph -s)",
-                ),
+                Config::Glusterfs(g) => gluster(&name, &one, &g.instances[&inst]).await,
+                Config::Rbd(r) => rbd(&name, &one, &r.instances[&inst]).await,
             });
         }
     }
@@ -154,17 +150,151 @@ async fn nfs(name: &str, one: &Config, i: &stowage_backends::config::NfsInstance
             .unwrap_or_default(),
         i.export
     );
-    let ctl = match stowage_backends::build_controller(one).await {
-        Ok(c) => c,
-        Err(e) => return Check::fail(S, name, format!("{target}: {e}"), hint),
+    let what = format!("export mounted, baseDir {:?} listed", i.base_dir);
+    through_controller(name, one, &target, &what, hint).await
+}
+
+/// GlusterFS: the controller's own start (its management mount of the volume in subdir
+/// mode, glusterd through the configured CLI access), then a listing of its volumes and the
+/// free space: what every CreateVolume needs.
+async fn gluster(
+    name: &str,
+    one: &Config,
+    i: &stowage_backends::glusterfs::config::GlusterInstance,
+) -> Check {
+    use stowage_backends::glusterfs::config::Mode;
+    let servers = i.servers.join(",");
+    let (target, what) = match i.mode {
+        Mode::Subdir => (
+            format!("gluster volume {} on {servers}", i.volume),
+            format!("volume mounted, baseDir {:?} listed", i.base_dir),
+        ),
+        Mode::Volume => (
+            format!("glusterd on {servers} (a gluster volume per PV)"),
+            format!("volumes {}* listed", i.volume_prefix),
+        ),
     };
+    let hint = match i.mode {
+        Mode::Subdir => format!(
+            "check that glusterd answers on {servers} (`gluster volume info {}`), that the volume exists and is started, and that this host has the GlusterFS FUSE client (mount.glusterfs)",
+            i.volume
+        ),
+        Mode::Volume => format!(
+            "check that glusterd answers on {servers} (`gluster pool list`) through the configured access (glusterd.socket, glusterd.ssh or glusterd.cli)"
+        ),
+    };
+    // The controller mounts the volume for management on first use; a mount this probe made
+    // (none was there, e.g. doctor run away from the controller) is undone, so doctor leaves
+    // no FUSE client behind. One the controller made stays.
+    let mgmt = i
+        .state_dir
+        .join("mgmt")
+        .join(name.split('/').nth(1).unwrap_or(""));
+    let mounted_before = stowage_backends::mount::mounted_at(&mgmt)
+        .await
+        .ok()
+        .flatten()
+        .is_some();
+    let mut check = through_controller(name, one, &target, &what, hint.clone()).await;
+    if check.level == Level::Ok {
+        // Quotas (subdir mode) and every volume (volume mode) go through glusterd's CLI, which
+        // the listing above does not touch: ask it too, through the configured access.
+        let cli = stowage_backends::glusterfs::cli_for(i);
+        let args: Vec<&str> = match i.mode {
+            Mode::Subdir => vec!["volume", "info", i.volume.as_str()],
+            Mode::Volume => vec!["pool", "list"],
+        };
+        match tokio::time::timeout(PROBE_TIMEOUT, cli.ok(&args)).await {
+            Ok(Ok(_)) => {
+                check.detail = format!(
+                    "{}; glusterd answers `gluster {}` via {}",
+                    check.detail,
+                    args.join(" "),
+                    cli.target()
+                );
+            }
+            Ok(Err(e)) => {
+                check = Check::fail(
+                    S,
+                    name,
+                    format!("{target}: glusterd via {}: {e}", cli.target()),
+                    hint,
+                );
+            }
+            Err(_) => {
+                check = Check::fail(
+                    S,
+                    name,
+                    format!(
+                        "{target}: glusterd via {} gave no answer within {}s",
+                        cli.target(),
+                        PROBE_TIMEOUT.as_secs()
+                    ),
+                    hint,
+                );
+            }
+        }
+    }
+    if !mounted_before
+        && let Ok(Some(_)) = stowage_backends::mount::mounted_at(&mgmt).await
+        && let Err(e) = stowage_backends::mount::unmount(&mgmt).await
+    {
+        eprintln!("doctor: unmounting {}: {e}", mgmt.display());
+    }
+    check
+}
+
+/// RBD: the monitors reached with the instance's cephx user (`keyringFile`), the pool opened,
+/// its Stowage images listed and its free space read.
+async fn rbd(name: &str, one: &Config, i: &stowage_backends::rbd::RbdInstance) -> Check {
+    let target = format!("pool {} via mons {}", i.pool, i.monitors);
+    let what = format!(
+        "cluster reached as client.{}, pool opened, images {}* listed",
+        i.user_id, i.image_prefix
+    );
+    let hint = if i.keyring_file.is_none() {
+        format!(
+            "this instance has no keyringFile, so only calls carrying CSI secrets can reach the cluster: give it a keyringFile for client.{} to check it here, or check with `ceph -s` and `ceph osd pool ls`",
+            i.user_id
+        )
+    } else {
+        format!(
+            "check that the monitors {} answer (`ceph -s`), that pool {} exists (`ceph osd pool ls`) and that the key in {} is client.{}'s",
+            i.monitors,
+            i.pool,
+            i.keyring_file
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            i.user_id
+        )
+    };
+    through_controller(name, one, &target, &what, hint).await
+}
+
+/// Builds the backend's controller side from the one-instance configuration and asks it what
+/// every provisioning needs: a listing of its volumes and the free capacity. Bounded by
+/// [`PROBE_TIMEOUT`]: a hung server is a FAIL, not a hung doctor.
+async fn through_controller(
+    name: &str,
+    one: &Config,
+    target: &str,
+    what: &str,
+    hint: String,
+) -> Check {
     let probe = async {
+        let ctl = stowage_backends::build_controller(one).await?;
         let page = ctl.list_volumes(None, 1000).await?;
         let params = BTreeMap::from([(
             "instance".to_owned(),
             name.split('/').nth(1).unwrap_or("").to_owned(),
         )]);
-        let free = ctl.capacity(&params).await?;
+        // Not every backend reports capacity (Unsupported is no failure).
+        let free = match ctl.capacity(&params).await {
+            Ok(f) => Some(f),
+            Err(stowage_backends::Error::Unsupported(_)) => None,
+            Err(e) => return Err(e),
+        };
         Ok::<_, stowage_backends::Error>((page.items.len(), page.next_token.is_some(), free))
     };
     match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
@@ -172,10 +302,10 @@ async fn nfs(name: &str, one: &Config, i: &stowage_backends::config::NfsInstance
             S,
             name,
             format!(
-                "{target}: export mounted, baseDir {:?} listed ({n}{} volumes), {} free",
-                i.base_dir,
+                "{target}: {what} ({n}{} volumes){}",
                 if more { "+" } else { "" },
-                stowage_provisioner::quantity::format_bytes(free)
+                free.map(|f| format!(", {} free", stowage_provisioner::quantity::format_bytes(f)))
+                    .unwrap_or_default()
             ),
         ),
         Ok(Err(e)) => Check::fail(S, name, format!("{target}: {e}"), hint),
