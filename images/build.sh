@@ -79,7 +79,7 @@ exec 8>"$IMG_DIR/.stowage-image.lock"
 flock -w 1800 8 || die "timed out waiting for $IMG_DIR/.stowage-image.lock"
 
 # Bump when the mmdebstrap recipe below changes (the key of the cached root filesystem).
-ROOTFS_RECIPE=2
+ROOTFS_RECIPE=3
 rootfs_key="$( (cat "$HERE/packages.txt" "$HERE/packages.sh"; echo "$SUITE $ROOTFS_RECIPE") | sha256sum | cut -c1-16)"
 rootfs="$IMG_DIR/stowage-rootfs-$rootfs_key"
 ((rootfs_only)) || image_key="$rootfs_key $version $(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16) $(cd "$bin_dir" && sha256sum "${BINS[@]}" | sha256sum | cut -c1-16)"
@@ -120,10 +120,11 @@ fi
 # --- root filesystem from Debian packages -------------------------------------------------------
 # Files of Essential packages no command Stowage runs needs, removed after the install (the
 # image has no apt, and dpkg refuses to purge Essential packages): perl-base (dpkg's maintainer
-# scripts are its only user; mount.glusterfs is sh, the mounters are C, C++ and Go) and glibc's
-# iconv modules (gconv: charset conversions none of the tools asks for; UTF-8 is built in).
+# scripts are its only user; mount.glusterfs is sh, the mounters are C, C++ and Go; with it
+# debconf's perl modules), glibc's iconv modules (gconv: charset conversions none of the tools
+# asks for; UTF-8 is built in) and shell completions (no interactive shell in the image).
 # images/Dockerfile removes the same (TRIM_PATHS is read from here by 85-helm's check).
-TRIM_PATHS="usr/bin/perl usr/bin/perl5.36.0 usr/lib/x86_64-linux-gnu/perl-base usr/lib/x86_64-linux-gnu/gconv"
+TRIM_PATHS="usr/bin/perl usr/bin/perl5.36.0 usr/lib/x86_64-linux-gnu/perl-base usr/share/perl5 usr/lib/x86_64-linux-gnu/gconv usr/share/bash-completion"
 TRIM_CMD='for p in '"$TRIM_PATHS"'; do rm -rf "$1/$p"; done'
 build_rootfs() {
   need mmdebstrap mmdebstrap
