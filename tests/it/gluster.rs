@@ -821,27 +821,8 @@ async fn doctor_probes_the_gluster_volume() {
     let base = unique("doctor");
     let good = g.config(dir.path(), &base, "");
     let run = |cfg: &std::path::Path| {
-        let o = std::process::Command::new(stowage_tests::bin("stowage").unwrap())
-            .args([
-                "doctor",
-                "-o",
-                "json",
-                "--no-cluster",
-                "--backend",
-                "glusterfs",
-                "--config",
-            ])
-            .arg(cfg)
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-            panic!(
-                "doctor JSON ({e}): {}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            )
-        });
-        (o.status.code(), v)
+        let (code, _, v) = stowage_tests::doctor_check(cfg, "glusterfs", "glusterfs/main").unwrap();
+        (code, v)
     };
     let (code, v) = run(&good);
     let checks = v["checks"].as_array().cloned().unwrap_or_default();

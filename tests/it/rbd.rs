@@ -654,33 +654,8 @@ async fn bad_input_is_refused_with_the_field_named() {
 async fn doctor_probes_the_ceph_pool() {
     let Some(env) = cluster() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let run = |cfg: &std::path::Path| {
-        let o = std::process::Command::new(stowage_tests::bin("stowage").unwrap())
-            .args([
-                "doctor",
-                "-o",
-                "json",
-                "--no-cluster",
-                "--backend",
-                "rbd",
-                "--config",
-            ])
-            .arg(cfg)
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-            panic!(
-                "doctor JSON ({e}): {}{}",
-                String::from_utf8_lossy(&o.stdout),
-                String::from_utf8_lossy(&o.stderr)
-            )
-        });
-        let c = v["checks"]
-            .as_array()
-            .and_then(|a| a.iter().find(|c| c["name"] == "rbd/default").cloned())
-            .unwrap_or_default();
-        (o.status.code(), c, v)
-    };
+    let run =
+        |cfg: &std::path::Path| stowage_tests::doctor_check(cfg, "rbd", "rbd/default").unwrap();
     let good = config(&env, dir.path(), "doctor", "");
     let (code, c, v) = run(&good);
     assert_eq!(code, Some(0), "{v:#}");

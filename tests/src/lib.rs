@@ -39,6 +39,39 @@ pub fn bin(name: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// `stowage doctor -o json --no-cluster --config CONFIG --backend BACKEND`: the exit code and
+/// the check named `name` (Null when there is none), with the whole report for messages.
+pub fn doctor_check(
+    config: &Path,
+    backend: &str,
+    name: &str,
+) -> Result<(Option<i32>, serde_json::Value, serde_json::Value)> {
+    let o = Command::new(bin("stowage")?)
+        .args([
+            "doctor",
+            "-o",
+            "json",
+            "--no-cluster",
+            "--backend",
+            backend,
+            "--config",
+        ])
+        .arg(config)
+        .output()?;
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).with_context(|| {
+        format!(
+            "doctor JSON: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })?;
+    let c = v["checks"]
+        .as_array()
+        .and_then(|a| a.iter().find(|c| c["name"] == name).cloned())
+        .unwrap_or_default();
+    Ok((o.status.code(), c, v))
+}
+
 pub fn is_root() -> bool {
     rustix::process::geteuid().is_root()
 }
