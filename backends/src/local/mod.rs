@@ -212,7 +212,7 @@ async fn bound_anywhere(dev: &Path) -> Result<bool> {
 /// Detaches `dev` from `img`. A detach that fails because the device is no longer attached to
 /// the image (an earlier, interrupted call's `losetup -d` finished meanwhile) is done.
 async fn detach_loop(img: &Path, dev: &Path) -> Result<()> {
-    match command::run("losetup", &["-d", mount::path_str(dev)?], SHORT_TIMEOUT).await {
+    match command::run_tied("losetup", &["-d", mount::path_str(dev)?], SHORT_TIMEOUT).await {
         Ok(_) => Ok(()),
         Err(e) => match loop_devices_for(img).await {
             Ok(now) if now.iter().any(|d| d == dev) => Err(e),
@@ -225,7 +225,10 @@ async fn attach_loop(file: &Path) -> Result<PathBuf> {
     if let Some(dev) = loop_device_for(file).await? {
         return Ok(dev);
     }
-    let out = command::run(
+    // Tied to this process: a node killed while losetup runs must not leave it running, to
+    // attach a device after the restarted node's retry attached (or an unstage detached) its
+    // own (found by tests/it/chaos.rs; `detach_unused` cleans up after older helpers).
+    let out = command::run_tied(
         "losetup",
         &["--find", "--show", "--", mount::path_str(file)?],
         SHORT_TIMEOUT,
@@ -261,7 +264,7 @@ async fn stage_image(img: &Path, req: &StageRequest) -> Result<()> {
     .await;
     if res.is_err() {
         let _ = mount::unmount(&req.staging_path).await;
-        let _ = command::run("losetup", &["-d", mount::path_str(&dev)?], SHORT_TIMEOUT).await;
+        let _ = command::run_tied("losetup", &["-d", mount::path_str(&dev)?], SHORT_TIMEOUT).await;
     }
     res
 }
