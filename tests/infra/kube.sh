@@ -217,7 +217,10 @@ daemon_pid() {
   [[ -f "$f" ]] || return 1
   pid="$(cat "$f" 2>/dev/null)"; [[ "$pid" =~ ^[0-9]+$ ]] || return 1
   exe="$(readlink "/proc/$pid/exe" 2>/dev/null)" || return 1
-  [[ "${exe% (deleted)}" == */"$1" ]] || return 1   # pid recycled by something else
+  exe="${exe% (deleted)}"
+  # Right after `launch`, the pid is still setsid about to exec the daemon: alive, not dead
+  # (checking in that instant once failed 80-pods with "kube-scheduler exited").
+  [[ "$exe" == */"$1" || "$exe" == */setsid ]] || return 1   # pid recycled by something else
   echo "$pid"
 }
 

@@ -87,7 +87,9 @@ daemon_pid() {
   [[ -f "$f" ]] || return 1
   pid="$(cat "$f" 2>/dev/null)"; [[ "$pid" =~ ^[0-9]+$ ]] || return 1
   exe="$(readlink "/proc/$pid/exe" 2>/dev/null)" || return 1
-  [[ "${exe% (deleted)}" == */"$1" ]] || return 1
+  exe="${exe% (deleted)}"
+  # Right after `launch` the pid is still setsid about to exec the daemon: alive.
+  [[ "$exe" == */"$1" || "$exe" == */setsid ]] || return 1
   echo "$pid"
 }
 
