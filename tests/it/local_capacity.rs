@@ -70,6 +70,35 @@ impl Drop for Env {
     }
 }
 
+impl Env {
+    /// A new 16 MiB volume named `name`.
+    async fn create(&mut self, name: &str) -> v1::Volume {
+        self.c
+            .controller
+            .create_volume(wire::create(name, 16 * MIB))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+    }
+
+    /// Deletes `vol`, checks its directory `dir` is gone, stops both plugins.
+    async fn delete_and_stop(mut self, vol: v1::Volume, dir: &Path) {
+        self.c
+            .controller
+            .delete_volume(v1::DeleteVolumeRequest {
+                volume_id: vol.volume_id,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(!dir.exists(), "{} left after DeleteVolume", dir.display());
+        self.node.kill();
+        self.ctl.kill();
+    }
+}
+
 /// Writes `bytes` to a new file, flushed to disk; the first error, if any.
 fn write_file(path: &Path, bytes: usize) -> std::io::Result<()> {
     let mut f = std::fs::File::create(path)?;
@@ -272,18 +301,46 @@ fn has_cap_sys_resource() -> bool {
         .is_some_and(|caps| caps & (1 << 24) != 0)
 }
 
-/// Loop devices backed by a file under `dir`.
+/// Loop devices backed by a file under `dir`, by the backing file's device and inode (as
+/// losetup reports them), so also devices whose sysfs path is relative to a mount gone since.
 fn loops_under(dir: &Path) -> Vec<String> {
-    let want = std::fs::canonicalize(dir).unwrap();
-    let mut out = Vec::new();
-    for ent in std::fs::read_dir("/sys/block").unwrap().flatten() {
-        if let Ok(b) = std::fs::read_to_string(ent.path().join("loop/backing_file"))
-            && PathBuf::from(b.trim_end()).starts_with(&want)
-        {
-            out.push(ent.file_name().to_string_lossy().into_owned());
+    use std::os::unix::fs::MetadataExt;
+    let mut files = std::collections::BTreeSet::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for ent in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let Ok(md) = ent.path().symlink_metadata() else {
+                continue;
+            };
+            if md.is_dir() {
+                todo.push(ent.path());
+            } else if md.is_file() {
+                let dev = md.dev();
+                files.insert((libc::major(dev), libc::minor(dev), md.ino()));
+            }
         }
     }
-    out
+    let out = std::process::Command::new("losetup")
+        .args(["--list", "--json", "--output", "NAME,BACK-INO,BACK-MAJ:MIN"])
+        .output()
+        .unwrap();
+    // No loop device at all: empty output, not an empty list.
+    let list: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::json!({"loopdevices": []}));
+    list["loopdevices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| {
+            let name = d["name"].as_str()?;
+            let ino = d["back-ino"].as_u64()?;
+            let (ma, mi) = d["back-maj:min"].as_str()?.trim().split_once(':')?;
+            let id = (ma.parse().ok()?, mi.parse().ok()?, ino);
+            files
+                .contains(&id)
+                .then(|| name.trim_start_matches("/dev/").to_owned())
+        })
+        .collect()
 }
 
 #[tokio::test]
@@ -317,14 +374,7 @@ async fn unstage_detaches_every_loop_device_of_the_image() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base");
     let mut e = start(dir, &base, "    capacity: image\n").await;
-    let vol =
-        e.c.controller
-            .create_volume(wire::create("pvc-twice", 16 * MIB))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+    let vol = e.create("pvc-twice").await;
     let staging = e.dir.path().join("staging");
     let target = e.dir.path().join("target");
     stage(&mut e, &vol, &staging, &target).await;
@@ -365,16 +415,136 @@ async fn unstage_detaches_every_loop_device_of_the_image() {
     );
     unstage(&mut e, &vol, &staging, &target).await;
     assert!(loops_under(&base).is_empty());
-    e.c.controller
-        .delete_volume(v1::DeleteVolumeRequest {
-            volume_id: vol.volume_id,
-            ..Default::default()
-        })
-        .await
+    e.delete_and_stop(vol, &base.join("pvc-twice")).await;
+}
+
+/// Loop devices backed by `img`, found the way `losetup -j` finds them (device and inode of
+/// the backing file), so also those whose sysfs path no longer names the image.
+fn loops_of(img: &Path) -> Vec<String> {
+    let out = std::process::Command::new("losetup")
+        .args(["--associated"])
+        .arg(img)
+        .args(["--noheadings", "--output", "NAME"])
+        .output()
         .unwrap();
-    assert!(!base.join("pvc-twice").exists());
-    e.node.kill();
-    e.ctl.kill();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Attaches `img` to a loop device from inside a mount namespace that ends right after, through
+/// a bind of `base` at another path: what a node container that was restarted (an upgrade) left
+/// behind. sysfs then names the backing file relative to a mount that no longer exists.
+fn attach_from_a_gone_namespace(base: &Path, img: &Path, view: &Path) -> String {
+    std::fs::create_dir_all(view).unwrap();
+    let rel = img.strip_prefix(base).unwrap();
+    let out = std::process::Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$1" "$2" && losetup --find --show -- "$2/$3""#)
+        .arg("sh")
+        .arg(base)
+        .arg(view)
+        .arg(rel)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let name = dev.trim_start_matches("/dev/");
+    let backing = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).unwrap();
+    assert!(
+        !Path::new(backing.trim_end()).starts_with(base)
+            && !Path::new(backing.trim_end()).starts_with(view),
+        "sysfs should no longer name the image by a path of this namespace: {backing}"
+    );
+    dev
+}
+
+/// A node restarted in a new mount namespace (its container replaced by an upgrade) must still
+/// know the loop devices its previous run attached: before, it matched sysfs's path, which then
+/// names the image relative to a mount that is gone, so the unstage after the restart left the
+/// device attached, a stage attached a second device (two ext4 instances on one file) and
+/// DeleteVolume deleted the image under the device.
+#[tokio::test]
+async fn devices_attached_by_a_node_before_its_restart_are_still_its_own() {
+    assert!(is_root(), "these tests mount; run them as root");
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    let mut e = start(
+        dir,
+        &base,
+        "    capacity: image
+",
+    )
+    .await;
+    let vol = e.create("pvc-restart").await;
+    let img = base.join("pvc-restart/fs.img");
+    let view = e.dir.path().join("old-node-view");
+    let staging = e.dir.path().join("staging");
+    let target = e.dir.path().join("target");
+
+    // 1. Staged (mounted) by the previous node: the new one publishes it, then unstages it.
+    let dev = attach_from_a_gone_namespace(&base, &img, &view);
+    std::fs::create_dir_all(&staging).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "ext4", &dev])
+        .arg(&staging)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    stage(&mut e, &vol, &staging, &target).await;
+    write_file(&target.join("before"), 1 << 20).unwrap();
+    assert_eq!(
+        loops_of(&img),
+        vec![dev.clone()],
+        "the stage must reuse the mounted device"
+    );
+    unstage(&mut e, &vol, &staging, &target).await;
+    assert!(
+        loops_of(&img).is_empty(),
+        "the unstage left {:?} attached",
+        loops_of(&img)
+    );
+
+    // 2. Attached, not mounted, by the previous node: DeleteVolume refuses, a stage reuses it.
+    let dev = attach_from_a_gone_namespace(&base, &img, &view);
+    let err =
+        e.c.controller
+            .delete_volume(v1::DeleteVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(img.exists(), "the refused delete must keep the image");
+    stage(&mut e, &vol, &staging, &target).await;
+    assert_eq!(
+        loops_of(&img),
+        vec![dev],
+        "the stage must reuse the attached device"
+    );
+    assert_eq!(
+        std::fs::metadata(target.join("before")).unwrap().len(),
+        1 << 20
+    );
+    unstage(&mut e, &vol, &staging, &target).await;
+    assert!(
+        loops_of(&img).is_empty(),
+        "the unstage left {:?} attached",
+        loops_of(&img)
+    );
+
+    e.delete_and_stop(vol, &base.join("pvc-restart")).await;
 }
 
 #[tokio::test]

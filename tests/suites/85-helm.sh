@@ -44,6 +44,11 @@ cleanup() {
   "$kubelet" stop --state "$work/node" >/dev/null 2>&1
   "$kube" stop --state "$work/kube" >/dev/null 2>&1
   losetup -a 2>/dev/null | grep -F "$work/" | cut -d: -f1 | xargs -r -n1 losetup -d 2>/dev/null
+  # Also devices attached inside a pod whose mount namespace is gone (sysfs no longer names
+  # them by a path under $work): by the images' inodes.
+  find "$work/local" -name '*.img' -type f 2>/dev/null | while read -r f; do
+    losetup -j "$f" 2>/dev/null | cut -d: -f1 | xargs -r -n1 losetup -d 2>/dev/null
+  done
   awk -v p="$work/" 'index($5, p) == 1 {print $5}' /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l 2>/dev/null
   if [ -n "$(awk -v p="$work/" 'index($5, p) == 1' /proc/self/mountinfo)" ]; then
     echo "mounts left under $work; not removing it"
@@ -466,7 +471,7 @@ node_pod() { k -n "$ns" get pods -l app.kubernetes.io/component=node -o 'jsonpat
 replaced() { local p; p=$(node_pod); [ -n "$p" ] && [ "$p" != "$1" ] && [ "$(wc -w <<<"$p")" = 1 ]; }
 writing() { [ -n "$(lines)" ]; }
 s_upgrade() {
-  local old new n1 n2 n3 gaps
+  local old new n1 n2 n3 gaps handle img
   until_ok 120 steady_running || { why="writer pod not Running: $(k -n default get pod helm-steady -o wide 2>&1 | tail -n 1)"; return 1; }
   until_ok 30 writing || { why="writer not writing"; return 1; }
   old=$(node_pod); n1=$(lines)
@@ -482,10 +487,21 @@ s_upgrade() {
   gaps=$(k -n default exec helm-steady -- awk '$1 != NR {print NR; exit}' /data/log 2>&1)
   [ -z "$gaps" ] || { why="log has a gap at line $gaps"; return 1; }
   detail="node pod $old -> $new, writer kept writing ($n1 -> $n3 lines, none missing)"
+  handle=$(k get pv "$(k -n default get pvc helm-steady -o 'jsonpath={.spec.volumeName}')" -o 'jsonpath={.spec.csi.volumeHandle}')
+  img="$work/local/${handle#*/}/fs.img"
   k -n default delete pod helm-steady --wait=false >/dev/null 2>&1
   until_ok 90 gone helm-steady
+  # The new node pod unstaged a volume the old one staged: the old pod's mount namespace is
+  # gone, so sysfs names the loop device's file by a path relative to a mount that no longer
+  # exists; the device must still be found (by inode, as losetup -j does) and detached.
+  if [ -f "$img" ] && until_ok 30 no_loop "$img"; then
+    pass "the volume staged before the node roll is unstaged after it: its loop device detached"
+  else
+    fail "loop device of a volume staged before the node roll" "$img: $(losetup -j "$img" 2>&1 | tr '\n' ' ')"
+  fi
   k -n default delete pvc helm-steady --wait=false >/dev/null 2>&1
 }
+no_loop() { [ -z "$(losetup -j "$1" 2>/dev/null)" ]; }
 why=""; detail=""
 if s_upgrade; then pass "helm upgrade rolls the node DaemonSet while a pod writes" "$detail"; else fail "helm upgrade while a pod writes" "$why"; fi
 

@@ -61,7 +61,7 @@ impl LocalController {
             if !exists(&img).await {
                 continue;
             }
-            if let Some(dev) = super::loop_device_for(&img).await? {
+            if let Some(dev) = super::loopdev::device_for(&img, name == BLOCK_IMAGE).await? {
                 return Err(Error::FailedPrecondition(format!(
                     "volume_id: volume {volume_id} is in use: its image is attached to {} \
                      (staged on this node); unstage it before deleting",

@@ -7,6 +7,7 @@
 pub mod capacity;
 pub mod config;
 pub mod controller;
+mod loopdev;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -98,74 +99,6 @@ impl LocalNode {
     }
 }
 
-/// The loop device backed by `file`, if one is attached (read from sysfs, no parsing of
-/// losetup's human output).
-async fn loop_device_for(file: &Path) -> Result<Option<PathBuf>> {
-    Ok(loop_devices_for(file).await?.into_iter().next())
-}
-
-/// Every loop device backed by `file`, in name order. Normally one; two when a node was
-/// killed while its `losetup --find` ran: the orphaned helper attaches a device after the
-/// restarted node's retry attached its own (found by tests/it/chaos.rs).
-async fn loop_devices_for(file: &Path) -> Result<Vec<PathBuf>> {
-    let want = tokio::fs::canonicalize(file)
-        .await
-        .map_err(|e| Error::io(format!("resolving {}", file.display()), e))?;
-    let mut rd = match tokio::fs::read_dir("/sys/block").await {
-        Ok(rd) => rd,
-        Err(e) => return Err(Error::io("reading /sys/block", e)),
-    };
-    let mut found = Vec::new();
-    while let Ok(Some(e)) = rd.next_entry().await {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(num) = name
-            .strip_prefix("loop")
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if let Ok(backing) = tokio::fs::read_to_string(e.path().join("loop/backing_file")).await
-            && Path::new(backing.trim_end()) == want
-        {
-            found.push((num, PathBuf::from(format!("/dev/{name}"))));
-        }
-    }
-    found.sort();
-    Ok(found.into_iter().map(|(_, d)| d).collect())
-}
-
-/// Whether the filesystem on loop device `dev` is mounted anywhere on this node (mountinfo
-/// names the device by `major:minor`).
-async fn mounted_anywhere(dev: &Path) -> Result<bool> {
-    let Some(name) = dev.file_name().and_then(|n| n.to_str()) else {
-        return Ok(false);
-    };
-    let Ok(num) = tokio::fs::read_to_string(format!("/sys/block/{name}/dev")).await else {
-        // The device went away meanwhile: nothing is mounted from it.
-        return Ok(false);
-    };
-    let num = num.trim();
-    Ok(mount::mountinfo::read().await?.iter().any(|m| m.dev == num))
-}
-
-/// Detaches every loop device backed by `img` that nothing uses any more (`in_use` says), so
-/// that an unstage leaves none behind, however many a crashed node's helpers attached.
-async fn detach_unused(img: &Path, volume_id: &str, block: bool) -> Result<()> {
-    for dev in loop_devices_for(img).await? {
-        let used = if block {
-            bound_anywhere(&dev).await?
-        } else {
-            mounted_anywhere(&dev).await?
-        };
-        if used {
-            continue;
-        }
-        tracing::info!(volume_id, device = %dev.display(), "detaching the volume's loop device");
-        detach_loop(img, &dev).await?;
-    }
-    Ok(())
-}
-
 /// Whether `staged` (the bind-mounted device file of a staging path) is a block device other
 /// than `ours` (this volume's loop devices, if attached) that still has a backing file. A file
 /// that is no block device (not mounted, left by a crash) is nobody's and may be cleaned up.
@@ -197,46 +130,6 @@ async fn staged_elsewhere(staged: &Path, ours: &[PathBuf]) -> bool {
     true
 }
 
-/// Whether a loop device node is bind-mounted anywhere (a staged or published raw block
-/// volume): such a bind shows in mountinfo with the device node as its root (`/loop3`).
-async fn bound_anywhere(dev: &Path) -> Result<bool> {
-    let Some(name) = dev.file_name() else {
-        return Ok(false);
-    };
-    Ok(mount::mountinfo::read()
-        .await?
-        .iter()
-        .any(|m| m.root.file_name() == Some(name) && m.root.parent() == Some(Path::new("/"))))
-}
-
-/// Detaches `dev` from `img`. A detach that fails because the device is no longer attached to
-/// the image (an earlier, interrupted call's `losetup -d` finished meanwhile) is done.
-async fn detach_loop(img: &Path, dev: &Path) -> Result<()> {
-    match command::run_tied("losetup", &["-d", mount::path_str(dev)?], SHORT_TIMEOUT).await {
-        Ok(_) => Ok(()),
-        Err(e) => match loop_devices_for(img).await {
-            Ok(now) if now.iter().any(|d| d == dev) => Err(e),
-            _ => Ok(()),
-        },
-    }
-}
-
-async fn attach_loop(file: &Path) -> Result<PathBuf> {
-    if let Some(dev) = loop_device_for(file).await? {
-        return Ok(dev);
-    }
-    // Tied to this process: a node killed while losetup runs must not leave it running, to
-    // attach a device after the restarted node's retry attached (or an unstage detached) its
-    // own (found by tests/it/chaos.rs; `detach_unused` cleans up after older helpers).
-    let out = command::run_tied(
-        "losetup",
-        &["--find", "--show", "--", mount::path_str(file)?],
-        SHORT_TIMEOUT,
-    )
-    .await?;
-    Ok(PathBuf::from(out.stdout.trim()))
-}
-
 /// Stages an image-enforced volume: the image on a loop device, its ext4 grown to the image's
 /// size if the controller grew the file since (a restore into a bigger volume, an expansion
 /// the node could not apply online), then mounted at the staging path.
@@ -247,7 +140,7 @@ async fn stage_image(img: &Path, req: &StageRequest) -> Result<()> {
             _ => mount::unmount(&req.staging_path).await?,
         }
     }
-    let dev = attach_loop(img).await?;
+    let dev = loopdev::attach(img, &req.volume_id, false).await?;
     let res = async {
         if capacity::grow_offline(img, &dev).await? {
             tracing::info!(volume_id = %req.volume_id, "filesystem grown to the image's size");
@@ -264,7 +157,8 @@ async fn stage_image(img: &Path, req: &StageRequest) -> Result<()> {
     .await;
     if res.is_err() {
         let _ = mount::unmount(&req.staging_path).await;
-        let _ = command::run_tied("losetup", &["-d", mount::path_str(&dev)?], SHORT_TIMEOUT).await;
+        // Only if nothing else mounts it (it may be the device another mount already used).
+        let _ = loopdev::detach_unused(img, &req.volume_id, false).await;
     }
     res
 }
@@ -305,7 +199,7 @@ impl NodeBackend for LocalNode {
             if mount::mounted_at(&target).await?.is_some() {
                 return Ok(());
             }
-            let dev = attach_loop(&img).await?;
+            let dev = loopdev::attach(&img, &req.volume_id, true).await?;
             mount::ensure_file(&target).await?;
             return mount::bind(&dev, &target, false, &[]).await;
         }
@@ -334,7 +228,7 @@ impl NodeBackend for LocalNode {
         let is_block = tokio::fs::metadata(&block_img).await.is_ok();
         if tokio::fs::symlink_metadata(&device).await.is_ok() {
             let ours = if is_block {
-                loop_devices_for(&block_img).await?
+                loopdev::devices_for(&block_img).await?
             } else {
                 Vec::new()
             };
@@ -354,13 +248,13 @@ impl NodeBackend for LocalNode {
             // bound nowhere. Left attached, it would stay for the node's life and DeleteVolume
             // would refuse the volume as in use for ever. One still bound at another staging
             // path is left alone.
-            detach_unused(&block_img, volume_id, true).await?;
+            loopdev::detach_unused(&block_img, volume_id, true).await?;
         }
         let img = self.volume_dir(volume_id)?.join(FS_IMAGE);
         mount::unmount(staging_path).await?;
         if tokio::fs::metadata(&img).await.is_ok() {
             // After the unmount: the loop device of a mounted filesystem would stay busy.
-            detach_unused(&img, volume_id, false).await?;
+            loopdev::detach_unused(&img, volume_id, false).await?;
         }
         Ok(())
     }
@@ -368,7 +262,7 @@ impl NodeBackend for LocalNode {
     async fn expand(&self, volume_id: &str, _path: &Path, capacity_bytes: u64) -> Result<u64> {
         let fs_img = self.volume_dir(volume_id)?.join(FS_IMAGE);
         if tokio::fs::metadata(&fs_img).await.is_ok() {
-            let Some(dev) = loop_device_for(&fs_img).await? else {
+            let Some(dev) = loopdev::device_for(&fs_img, false).await? else {
                 // Not staged here: the next stage grows the filesystem.
                 return Ok(capacity_bytes);
             };
@@ -381,7 +275,7 @@ impl NodeBackend for LocalNode {
             // A directory volume has no filesystem of its own to grow.
             return Ok(capacity_bytes);
         }
-        let Some(dev) = loop_device_for(&img).await? else {
+        let Some(dev) = loopdev::device_for(&img, true).await? else {
             return Ok(capacity_bytes);
         };
         // The controller already grew the file; make the loop device see the new size.
