@@ -10,9 +10,6 @@ use super::{DirAttrs, DirEntry, FileKind, FileStat, Fs, FsStats};
 use crate::error::{Error, Result};
 use crate::relpath::RelPath;
 
-/// Bound on one copy for a snapshot or clone.
-const COPY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
-
 #[derive(Debug, Clone)]
 pub struct LocalFs {
     base: PathBuf,
@@ -249,32 +246,22 @@ impl Fs for LocalFs {
         })
     }
 
-    // cp(1) keeps sparse images sparse (a 10 GiB block volume with 1 MiB written copies as
-    // 1 MiB), uses reflinks where the filesystem has them, and preserves owners, modes and
-    // symlinks; the generic chunked copy would make every hole a run of written zeros.
+    // Walked by descriptors, never by joined paths, so a pod swapping a directory for a
+    // symlink during the walk cannot make it copy the node's files ([`super::beneath`]);
+    // sparse files stay sparse and reflinks are used where the filesystem has them.
     async fn copy_tree(&self, from: &RelPath, to: &RelPath) -> Result<()> {
-        if self.stat(from).await?.is_none() {
-            return Err(Error::not_found("path", from));
-        }
-        let (f, t) = (self.host_path(from), self.host_path(to));
-        let (Some(fs), Some(ts)) = (f.to_str(), t.to_str()) else {
-            return Err(Error::invalid("path", "not UTF-8"));
-        };
-        crate::command::run_tied(
-            "cp",
-            &[
-                "--archive",
-                "--sparse=always",
-                "--reflink=auto",
-                "--no-target-directory",
-                "--",
-                fs,
-                ts,
-            ],
-            COPY_TIMEOUT,
-        )
-        .await
-        .map(|_| ())
+        let (base, from, to) = (self.base.clone(), from.clone(), to.clone());
+        tokio::task::spawn_blocking(move || super::beneath::copy_tree(&base, &from, &to))
+            .await
+            .map_err(|e| Error::Internal(format!("copy: {e}")))?
+    }
+
+    // As copy_tree: by descriptors, so a swapped-in link cannot make it count outside files.
+    async fn tree_size(&self, path: &RelPath) -> Result<u64> {
+        let (base, path) = (self.base.clone(), path.clone());
+        tokio::task::spawn_blocking(move || super::beneath::tree_size(&base, &path))
+            .await
+            .map_err(|e| Error::Internal(format!("usage: {e}")))?
     }
 
     // The host has a faster and sparse-aware recursive delete.

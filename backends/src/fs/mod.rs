@@ -8,6 +8,7 @@
 //! Every path is a [`RelPath`] below the implementation's base; implementations never follow
 //! symlinks found inside a volume.
 
+mod beneath;
 pub mod lazy;
 pub mod local;
 pub mod nfs;
