@@ -39,7 +39,9 @@ impl Usage {
     }
 }
 
-/// Bytes in binary units, one decimal below 10 (`8.0Mi`, `54Mi`, `512`).
+/// Bytes in binary units, one decimal below 10 (`8.0Mi`, `54Mi`, `512`): rounded, for a
+/// person reading a table. Not `stowage_provisioner::quantity::format_bytes`, which writes the
+/// exact quantity Kubernetes objects need (`1536Mi`, or plain bytes when no unit divides).
 fn binary(b: u64) -> String {
     const UNITS: [&str; 6] = ["Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
     if b < 1024 {

@@ -8,56 +8,10 @@
 mod common;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 
 use common::*;
 use stowage_csi::v1;
-
-/// Every file below `dir` whose bytes contain `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Vec<(std::path::PathBuf, u32)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else {
-            continue;
-        };
-        for e in rd.flatten() {
-            let p = e.path();
-            let Ok(md) = std::fs::symlink_metadata(&p) else {
-                continue;
-            };
-            if md.is_dir() {
-                stack.push(p);
-            } else if md.is_file()
-                && std::fs::read(&p)
-                    .map(|b| b.windows(needle.len()).any(|w| w == needle))
-                    .unwrap_or(false)
-            {
-                out.push((p, md.permissions().mode() & 0o7777));
-            }
-        }
-    }
-    out
-}
-
-/// Which of `pids` hold `needle` in their command line or environment.
-fn processes_exposing(pids: &[u32], needle: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
-    for pid in pids {
-        for what in ["cmdline", "environ"] {
-            if let Ok(b) = std::fs::read(format!("/proc/{pid}/{what}"))
-                && b.windows(needle.len()).any(|w| w == needle)
-            {
-                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                out.push(format!(
-                    "pid {pid} {what}: {}",
-                    String::from_utf8_lossy(&cmd)
-                ));
-            }
-        }
-    }
-    out
-}
+use stowage_tests::secrets::{files_containing, processes_exposing, scrub_env};
 
 async fn one_life(mounter: &str) {
     let Some(env) = s3_env() else { return };
@@ -177,12 +131,7 @@ async fn secrets_stay_out_of_logs_command_lines_and_leftover_files() {
     // learn them only from CSI secrets, so they start without them (and any hit below is the
     // plugins' own doing).
     let secret = std::env::var("STOWAGE_S3_SECRET_KEY").unwrap_or_default();
-    for (k, v) in std::env::vars() {
-        if !secret.is_empty() && v == secret && k != "STOWAGE_S3_SECRET_KEY" {
-            // SAFETY: before any plugin starts; this test binary runs no other test.
-            unsafe { std::env::remove_var(k) };
-        }
-    }
+    scrub_env(&secret, "STOWAGE_S3_SECRET_KEY");
     // SAFETY: as above.
     unsafe { std::env::set_var("RUST_LOG", "trace") };
     one_life("s3fs").await;

@@ -352,3 +352,4 @@ pub mod wire {
 
 pub mod metrics;
 pub mod provisioner;
+pub mod secrets;

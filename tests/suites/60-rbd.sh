@@ -65,7 +65,7 @@ export STOWAGE_CEPH_ENV=$work/ceph/env STOWAGE_REQUIRE_RBD=1 STOWAGE_CEPH_SH=$in
 
 log=$work/cargo.log
 # One test at a time: the outage test stops the only OSD.
-cargo test -p stowage-tests --locked --test rbd --test rbd_outage -- --test-threads 1 2>&1 | tee "$log"
+cargo test -p stowage-tests --locked --test rbd --test rbd_outage --test rbd_secrets -- --test-threads 1 2>&1 | tee "$log"
 count "$log" "${PIPESTATUS[0]}"
 
 for mode in "" --block; do
