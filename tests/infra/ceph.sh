@@ -8,6 +8,8 @@
 #   ceph.sh status    --state DIR             exit 0 when healthy, 3 when not
 #   ceph.sh stop-osd  --state DIR             stop the OSD only (failure tests)
 #   ceph.sh start-osd --state DIR             start it again and wait until it is up
+#   ceph.sh stop-mon  --state DIR             stop the (only) monitor (failure tests)
+#   ceph.sh start-mon --state DIR             start it again and wait for its quorum
 #
 # start is idempotent: a healthy cluster is left alone; a stopped one is restarted on its data
 # (same ports: they are in the monmap); otherwise a new cluster is made. Two clusters can run at
@@ -38,7 +40,7 @@ S3_SECRET_KEY=stowagetestsecretkey0000000000000000001
 S3_UID=stowage-test
 
 usage() {
-    echo "usage: $0 start|stop|status|stop-osd|start-osd --state DIR [--rgw] [--public-addr IP] [--osd-size-gb N] [--purge]" >&2
+    echo "usage: $0 start|stop|status|stop-osd|start-osd|stop-mon|start-mon --state DIR [--rgw] [--public-addr IP] [--osd-size-gb N] [--purge]" >&2
     exit 2
 }
 [ $# -ge 1 ] || usage
@@ -453,6 +455,16 @@ stop-osd)
 start-osd)
     load_ports
     start_osd
+    ;;
+stop-mon)
+    stop_pids "$RUN/mon.a.pid"
+    ;;
+start-mon)
+    load_ports
+    start_daemon mon.a "$RUN/mon.a.pid" ceph-mon -c "$CONF" -i a
+    wait_for 60 "mon quorum" ceph_ mon stat
+    # The OSD and mgr reconnect by themselves; wait until the OSD is reported up again.
+    wait_for 90 "osd.0 up" osd_up
     ;;
 *) usage ;;
 esac

@@ -34,6 +34,9 @@ struct Backend {
     /// Appended to `-v vol:/data` (`:nocopy` where the server cannot hold the mode and owner
     /// Docker copies onto an empty volume from the image's directory).
     mount_suffix: &'static str,
+    /// A secret value in `secrets` to scan for, and the directories (beside the test's own)
+    /// where the plugin or its mount helpers may keep files.
+    scan: Option<(String, Vec<PathBuf>)>,
 }
 
 fn write_secrets(dir: &Path, kv: &[(&str, &str)]) -> PathBuf {
@@ -49,7 +52,11 @@ fn exercise(docker: &Docker, dir: &Path, b: Backend, driver_name: &str) {
     if let Some(s) = &b.secrets {
         args.extend(["--secrets-file".into(), s.to_string_lossy().into_owned()]);
     }
-    let plugin = DockerPlugin::start_for_docker_with(dir, &b.config, &args).unwrap();
+    let plugin = if b.scan.is_some() {
+        DockerPlugin::start_for_docker_traced(dir, &b.config, &args).unwrap()
+    } else {
+        DockerPlugin::start_for_docker_with(dir, &b.config, &args).unwrap()
+    };
     let label = docker_common::unique("t");
     let vol = format!("v{}", docker_common::unique("d").replace('-', ""));
     let cleanup = Cleanup {
@@ -124,6 +131,10 @@ fn exercise(docker: &Docker, dir: &Path, b: Backend, driver_name: &str) {
         "read back by the next container"
     );
 
+    if let Some((secret, dirs)) = &b.scan {
+        scan_for_secret(d, dir, &plugin, &vol, &label, b.mount_suffix, secret, dirs);
+    }
+
     d.ok(&["volume", "rm", &vol]);
     assert!(
         (b.read_on_server)(&volume_id).is_none(),
@@ -142,6 +153,100 @@ fn exercise(docker: &Docker, dir: &Path, b: Backend, driver_name: &str) {
         .collect();
     assert!(left.is_empty(), "mounts left behind: {left:?}");
     drop(cleanup);
+}
+
+/// R6 for the Docker plugin: while a container has the volume mounted, the secret is in no
+/// command line or environment of the plugin or its mount helpers, and in no file but 0600
+/// ones; after the container is gone no file holds it; the plugin's trace log never does.
+#[allow(clippy::too_many_arguments)]
+fn scan_for_secret(
+    d: &Docker,
+    dir: &Path,
+    plugin: &DockerPlugin,
+    vol: &str,
+    label: &str,
+    mount_suffix: &str,
+    secret: &str,
+    dirs: &[PathBuf],
+) {
+    use stowage_tests::secrets::{contains, files_containing, pids_with, processes_exposing};
+    let needle = secret.as_bytes();
+    assert!(
+        needle.len() >= 8,
+        "a secret this short would match by chance"
+    );
+    let id = d
+        .ok(&[
+            "run",
+            "-d",
+            "--label",
+            &format!("stowage-test={label}"),
+            "-v",
+            &format!("{vol}:/data{mount_suffix}"),
+            &d.image,
+            "sleep",
+            "120",
+        ])
+        .trim()
+        .to_string();
+    let mp = plugin.mounts.join(vol);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !is_mounted(&mp) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{vol} not mounted for the container"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The plugin and every helper it started name this test's directory on their command line.
+    let tag = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let mut pids = pids_with(&[&tag]);
+    pids.extend(plugin.pid());
+    assert!(pids.len() >= 2, "the plugin and its mount helper: {pids:?}");
+    let exposed = processes_exposing(&pids, needle);
+    assert!(exposed.is_empty(), "secret visible in {exposed:?}");
+    // The test's own secrets file is the operator's input, not the plugin's doing.
+    let own = dir.join("secrets.yaml");
+    let holders = |dirs: &[PathBuf]| -> Vec<(PathBuf, u32)> {
+        std::iter::once(dir.to_path_buf())
+            .chain(dirs.iter().cloned())
+            .flat_map(|x| files_containing(&x, needle))
+            .filter(|(p, _)| *p != own && *p != plugin.log)
+            .collect()
+    };
+    for (p, mode) in holders(dirs) {
+        assert_eq!(
+            mode & 0o077,
+            0,
+            "{} holds the secret and is {mode:o}",
+            p.display()
+        );
+    }
+    d.ok(&["rm", "-f", &id]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while is_mounted(&mp) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{vol} still mounted after the container"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let left = holders(dirs);
+    assert!(
+        left.is_empty(),
+        "files holding the secret after unmount: {left:?}"
+    );
+    let log = std::fs::read(&plugin.log).unwrap();
+    assert!(
+        !contains(&log, needle),
+        "secret in {}",
+        plugin.log.display()
+    );
+    println!(
+        "{vol}: {} trace log lines, 0 secret hits in logs, {} command lines and environments, no file left",
+        log.split(|b| *b == b'\n').count(),
+        pids.len()
+    );
 }
 
 /// Removes what a failed test left in Docker before its plugin goes.
@@ -198,6 +303,7 @@ fn glusterfs_volume_through_docker() {
         Backend {
             config,
             secrets: None,
+            scan: None,
             read_on_server: Box::new(move |id| {
                 let d = brick.join(last_component(id));
                 if !d.exists() {
@@ -248,6 +354,7 @@ fn s3_volume_through_docker() {
             ("secretAccessKey", &s3.secret_key),
         ],
     );
+    let secret_key = s3.secret_key.clone();
     let client = s3.client();
     let rt = std::sync::Arc::new(
         tokio::runtime::Builder::new_current_thread()
@@ -278,6 +385,7 @@ fn s3_volume_through_docker() {
             // An S3 bucket's root is no object: chmod on it fails (EIO), so Docker's copy of
             // the image directory's mode onto a new volume must be turned off.
             mount_suffix: ":nocopy",
+            scan: Some((secret_key, Vec::new())),
         },
         "s3.stowage.io",
     );
@@ -297,6 +405,10 @@ fn rbd_volume_through_docker() {
         .tempdir_in(&env["CEPH_MNT_ROOT"])
         .unwrap();
     let config = rbd_common::config(&env, dir.path(), "docker", "");
+    let run_dir = Path::new(&env["CEPH_MNT_ROOT"]).join(format!(
+        "run-{}-docker",
+        dir.path().file_name().unwrap().to_string_lossy()
+    ));
     let secrets = write_secrets(
         dir.path(),
         &[("userID", "admin"), ("userKey", &env["CEPH_ADMIN_KEY"])],
@@ -320,6 +432,8 @@ fn rbd_volume_through_docker() {
             }),
             opts: vec!["fsType=ext4".into()],
             mount_suffix: "",
+            // rbd_common::config puts the run directory (rbd-fuse's keyring) beside the test's.
+            scan: Some((env["CEPH_ADMIN_KEY"].clone(), vec![run_dir])),
         },
         "rbd.stowage.io",
     );

@@ -145,3 +145,98 @@ async fn osd_stopped_mid_snapshot_gives_a_clear_error_and_no_half_snapshot() {
     r.delete(&vol.volume_id).await.unwrap();
     assert!(!r.images().contains(&image), "image left after delete");
 }
+
+/// The monitor stopped. A controller already connected keeps the OSD map, so creating an image
+/// (OSD operations only) may still work; a snapshot needs the monitor (it allocates the snap
+/// ID), so CreateSnapshot must end with a clear, retryable error within the bound and leave no
+/// half-made snapshot; a controller started while the monitor is down answers too, with
+/// UNAVAILABLE, instead of hanging. Once the monitor is back the CO's retries succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mon_stopped_gives_clear_errors_and_the_retries_succeed() {
+    let Some(mut r) = Rbd::start_with(0, "    opTimeoutSecs: 5\n").await else {
+        return;
+    };
+    let cap = fs_cap("ext4");
+    let vol = r
+        .create(create_req(&unique("monsrc"), 16 << 20, cap.clone()))
+        .await
+        .unwrap();
+    let image = vol.volume_context["imageName"].clone();
+    let snap_name = unique("mon-snap");
+    let during = unique("during-mon");
+
+    ceph_sh(&r.env, "stop-mon");
+    let started = Instant::now();
+    let snap_res = r.snapshot(&snap_name, &vol.volume_id).await;
+    let snap_took = started.elapsed();
+    let started = Instant::now();
+    let create_res = r.create(create_req(&during, 16 << 20, cap.clone())).await;
+    let create_took = started.elapsed();
+    // A controller that starts now cannot even log in.
+    let cfg = config(&r.env, r.dir.path(), "cold", "    opTimeoutSecs: 5\n");
+    let cold_dir = r.path("cold");
+    std::fs::create_dir_all(&cold_dir).unwrap();
+    let mut cold = stowage_tests::Plugin::controller(&cold_dir, &cfg).unwrap();
+    let mut cold_c = stowage_tests::controller_clients(cold.ready().await.unwrap());
+    let started = Instant::now();
+    let mut req = create_req(&unique("cold"), 16 << 20, cap.clone());
+    req.secrets = r.secrets();
+    let cold_res = cold_c.controller.create_volume(req).await;
+    let cold_took = started.elapsed();
+    cold.kill();
+    ceph_sh(&r.env, "start-mon");
+
+    let snap_e = snap_res.expect_err("CreateSnapshot succeeded with the monitor down");
+    assert!(
+        matches!(snap_e.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{snap_e:?}"
+    );
+    assert!(snap_took < Duration::from_secs(60), "took {snap_took:?}");
+    let cold_e = cold_res.expect_err("a controller with no monitor created a volume");
+    assert!(
+        matches!(cold_e.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{cold_e:?}"
+    );
+    assert!(cold_took < Duration::from_secs(60), "took {cold_took:?}");
+    let connected = match &create_res {
+        Ok(_) => "OK".to_string(),
+        Err(e) => format!("{:?} ({})", e.code(), e.message()),
+    };
+    println!(
+        "monitor down: CreateSnapshot {:?} after {snap_took:.1?} ({}); CreateVolume, connected controller: {connected} after {create_took:.1?}; new controller: {:?} after {cold_took:.1?} ({})",
+        snap_e.code(),
+        snap_e.message(),
+        cold_e.code(),
+        cold_e.message()
+    );
+    assert!(
+        create_took < Duration::from_secs(60),
+        "took {create_took:?}"
+    );
+
+    // Recovered: the retries give one snapshot and one volume, each complete.
+    let snap = r.snapshot(&snap_name, &vol.volume_id).await.unwrap();
+    let snaps = r.rbd(&["snap", "ls", &image]).unwrap();
+    assert_eq!(
+        snaps.lines().filter(|l| l.contains("csi-snap-")).count(),
+        1,
+        "one snapshot on the image after the retry:\n{snaps}"
+    );
+    let made = r
+        .create(create_req(&during, 16 << 20, cap.clone()))
+        .await
+        .unwrap();
+    let made_image = made.volume_context["imageName"].clone();
+    assert_eq!(r.images().iter().filter(|i| **i == made_image).count(), 1);
+    if let Ok(v) = &create_res {
+        assert_eq!(v.volume_id, made.volume_id, "the retry is the same volume");
+    }
+    r.delete_snapshot(&snap.snapshot_id).await.unwrap();
+    r.delete(&made.volume_id).await.unwrap();
+    r.delete(&vol.volume_id).await.unwrap();
+    let images = r.images();
+    assert!(
+        !images.contains(&image) && !images.contains(&made_image),
+        "images left after delete: {images:?}"
+    );
+}

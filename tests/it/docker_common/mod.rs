@@ -129,6 +129,11 @@ pub struct DockerPlugin {
     pub log: PathBuf,
     /// More arguments for `stowage-docker serve` (--secrets-file...).
     extra: Vec<String>,
+    /// RUST_LOG for the plugin; None: this process's RUST_LOG, else `info`. When set, the
+    /// plugin also starts with an environment of PATH and RUST_LOG only (as a service manager
+    /// would start it), so that secrets this test process holds in its environment (the
+    /// suites export them) cannot reach it that way.
+    rust_log: Option<String>,
     child: Option<Child>,
 }
 
@@ -139,6 +144,16 @@ impl DockerPlugin {
     }
 
     pub fn start_with(dir: &Path, config: &Path, socket: &Path, extra: &[String]) -> Result<Self> {
+        Self::start_logging(dir, config, socket, extra, None)
+    }
+
+    fn start_logging(
+        dir: &Path,
+        config: &Path,
+        socket: &Path,
+        extra: &[String],
+        rust_log: Option<String>,
+    ) -> Result<Self> {
         let name = socket
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
@@ -152,10 +167,22 @@ impl DockerPlugin {
             config: config.to_owned(),
             log: dir.join("stowage-docker.log"),
             extra: extra.to_vec(),
+            rust_log,
             child: None,
         };
         p.spawn()?;
         Ok(p)
+    }
+
+    /// As [`Self::start_for_docker_with`], logging at `trace` (for the secret scans).
+    pub fn start_for_docker_traced(dir: &Path, config: &Path, extra: &[String]) -> Result<Self> {
+        let socket = Path::new(DOCKER_PLUGIN_DIR).join(format!("{}.sock", unique("stowage-t")));
+        Self::start_logging(dir, config, &socket, extra, Some("trace".into()))
+    }
+
+    /// The plugin process's ID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// A plugin Docker can find: a unique name, its socket in /run/docker/plugins.
@@ -173,7 +200,12 @@ impl DockerPlugin {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new(bin("stowage-docker")?)
+        let mut cmd = Command::new(bin("stowage-docker")?);
+        if self.rust_log.is_some() {
+            cmd.env_clear()
+                .env("PATH", std::env::var("PATH").unwrap_or_default());
+        }
+        let child = cmd
             .arg("serve")
             .arg("--config")
             .arg(&self.config)
@@ -188,7 +220,9 @@ impl DockerPlugin {
             .args(&self.extra)
             .env(
                 "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+                self.rust_log
+                    .clone()
+                    .unwrap_or_else(|| std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())),
             )
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
