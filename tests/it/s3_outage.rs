@@ -1,7 +1,8 @@
 //! The real gateway goes away: radosgw is killed (SIGKILL) while a volume is mounted, calls
 //! fail with a clear UNAVAILABLE, and once tests/infra/ceph.sh has started it again the same
-//! calls succeed and the mount carries on. Its own test binary: it takes the gateway away from
-//! everything else, so nothing may run beside it.
+//! calls succeed and the mount carries on; and radosgw killed in the middle of deleting a
+//! bucket full of objects. Its own test binary: it takes the gateway away from everything
+//! else, so nothing may run beside it (and its two tests take turns).
 
 #[path = "s3_common.rs"]
 mod common;
@@ -10,12 +11,16 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use common::*;
+use futures::StreamExt;
+use stowage_backends::s3::aws_sdk_s3;
 use stowage_csi::v1;
 use tonic::Code;
 
-#[tokio::test]
-async fn radosgw_killed_then_restarted() {
-    let Some(env) = s3_env() else { return };
+/// The two tests kill the one gateway: one at a time.
+static GATEWAY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// ceph.sh's state dir and path, to kill and restart radosgw; None (skipped) without them.
+fn gateway_control() -> Option<(String, String)> {
     let (Ok(state), Ok(ceph_sh)) = (
         std::env::var("STOWAGE_CEPH_STATE"),
         std::env::var("STOWAGE_CEPH_SH"),
@@ -25,8 +30,52 @@ async fn radosgw_killed_then_restarted() {
             "STOWAGE_REQUIRE_S3=1 but STOWAGE_CEPH_STATE/STOWAGE_CEPH_SH are not set"
         );
         eprintln!("skipped: no ceph.sh state to restart the gateway with");
+        return None;
+    };
+    Some((state, ceph_sh))
+}
+
+/// SIGKILL to radosgw, then wait (bounded) until it is gone.
+fn kill_gateway(state: &str) {
+    let pidfile = PathBuf::from(state).join("run/client.rgw.gw.pid");
+    let pid = std::fs::read_to_string(&pidfile)
+        .unwrap()
+        .trim()
+        .to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let gone = Instant::now();
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && gone.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn start_gateway(ceph_sh: &str, state: &str) {
+    let out = std::process::Command::new(ceph_sh)
+        .args(["start", "--state", state, "--rgw"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ceph.sh start: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn radosgw_killed_then_restarted() {
+    let Some(env) = s3_env() else { return };
+    let Some((state, ceph_sh)) = gateway_control() else {
         return;
     };
+    let _turn = GATEWAY.lock().await;
     let bp = format!("{}-", unique("outage"));
     let mut p = start(&env.endpoint, &format!("    bucketPrefix: {bp}\n")).await;
     let vol =
@@ -47,24 +96,7 @@ async fn radosgw_killed_then_restarted() {
         .unwrap();
     std::fs::write(target.join("before"), b"1").unwrap();
 
-    let pidfile = PathBuf::from(&state).join("run/client.rgw.gw.pid");
-    let pid = std::fs::read_to_string(&pidfile)
-        .unwrap()
-        .trim()
-        .to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-9", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let gone = Instant::now();
-    while std::path::Path::new(&format!("/proc/{pid}")).exists()
-        && gone.elapsed() < Duration::from_secs(10)
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    kill_gateway(&state);
 
     let t = Instant::now();
     let st =
@@ -91,15 +123,7 @@ async fn radosgw_killed_then_restarted() {
         "{cond:?}"
     );
 
-    let out = std::process::Command::new(&ceph_sh)
-        .args(["start", "--state", &state, "--rgw"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ceph.sh start: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    start_gateway(&ceph_sh, &state);
 
     // The CO retries with backoff. A restarted radosgw answers at once, but its first metadata
     // change waits for the killed process's RADOS watches to time out (~30 s): until then the
@@ -158,4 +182,134 @@ async fn radosgw_killed_then_restarted() {
             .await
             .unwrap();
     }
+}
+
+/// radosgw SIGKILLed while DeleteVolume empties a bucket of 3000 objects (three DeleteObjects
+/// batches): the call ends UNAVAILABLE within a bound, not OK; the volume is not reported gone
+/// while its bucket still holds objects; once the gateway is back the CO's retry deletes the
+/// rest and the bucket, even though the volume's own metadata object went in the first batch.
+#[tokio::test]
+async fn radosgw_killed_mid_bucket_delete() {
+    let Some(env) = s3_env() else { return };
+    let Some((state, ceph_sh)) = gateway_control() else {
+        return;
+    };
+    let _turn = GATEWAY.lock().await;
+    let bp = format!("{}-", unique("middel"));
+    let mut p = start(&env.endpoint, &format!("    bucketPrefix: {bp}\n")).await;
+    let vol =
+        p.c.controller
+            .create_volume(create_req(&env, "pvc-full", 1 << 20, &[]))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+    let bucket = vol.volume_context["bucket"].clone();
+    let s3 = env.client();
+    // What a pod left: 3000 small objects.
+    let puts = (0..3000).map(|i| {
+        let (s3, bucket) = (s3.clone(), bucket.clone());
+        async move {
+            s3.put_object()
+                .bucket(bucket)
+                .key(format!("data/obj-{i:05}"))
+                .body(aws_sdk_s3::primitives::ByteStream::from(
+                    format!("{i}").into_bytes(),
+                ))
+                .send()
+                .await
+                .unwrap();
+        }
+    });
+    futures::stream::iter(puts)
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+    let first = keys(&s3, &bucket, "").await;
+    assert!(first.len() >= 3000, "{} keys", first.len());
+
+    // Kill the gateway as soon as the first batch is gone: the delete is then in its middle.
+    let mut ctl = p.c.controller.clone();
+    let del = tokio::spawn({
+        let (id, secrets) = (vol.volume_id.clone(), env.secrets());
+        async move {
+            let t = Instant::now();
+            let r = ctl
+                .delete_volume(v1::DeleteVolumeRequest {
+                    volume_id: id,
+                    secrets,
+                })
+                .await;
+            (r, t.elapsed())
+        }
+    });
+    let probe = first[0].clone();
+    let t = Instant::now();
+    loop {
+        let gone = s3
+            .head_object()
+            .bucket(&bucket)
+            .key(&probe)
+            .send()
+            .await
+            .is_err();
+        if gone {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the delete never started"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    kill_gateway(&state);
+    let (res, took) = del.await.unwrap();
+    let st = res.expect_err("DeleteVolume said OK with the gateway killed mid-delete");
+    assert_eq!(st.code(), Code::Unavailable, "{st:?}");
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+
+    start_gateway(&ceph_sh, &state);
+    // Half-deleted, but not gone: objects are left in the bucket.
+    let left = keys(&s3, &bucket, "").await;
+    assert!(
+        !left.is_empty(),
+        "the kill came after the last batch: nothing to check"
+    );
+    // The CO retries with backoff until OK (UNAVAILABLE while the restarted gateway waits
+    // out the killed one's RADOS watches).
+    let t = Instant::now();
+    loop {
+        match p
+            .c
+            .controller
+            .delete_volume(v1::DeleteVolumeRequest {
+                volume_id: vol.volume_id.clone(),
+                secrets: env.secrets(),
+            })
+            .await
+        {
+            Ok(_) => break,
+            Err(st) => {
+                assert_eq!(st.code(), Code::Unavailable, "{st:?}");
+                assert!(
+                    t.elapsed() < Duration::from_secs(120),
+                    "still failing after {:?}: {st:?}",
+                    t.elapsed()
+                );
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    }
+    assert!(
+        !bucket_exists(&s3, &bucket).await,
+        "bucket {bucket} left after the retried DeleteVolume"
+    );
+    eprintln!(
+        "DeleteVolume with radosgw killed after the first batch: {:?} after {took:.1?}, {} of {} objects left; the retry deleted them and the bucket {:?} after the restart",
+        st.code(),
+        left.len(),
+        first.len(),
+        t.elapsed()
+    );
 }
