@@ -33,6 +33,9 @@ use stowage_csi::v1;
 use stowage_csi::v1::controller_client::ControllerClient;
 use stowage_csi::v1::node_client::NodeClient;
 use stowage_csi::v1::volume_capability::access_mode::Mode;
+#[path = "gluster_common.rs"]
+mod gluster_common;
+
 use stowage_tests::{Plugin, controller_clients, is_root, nfs, node_client, wire};
 use tonic::transport::Channel;
 
@@ -71,6 +74,8 @@ enum Kind {
     Block,
     /// NFS directories through nfs-ganesha, controller only.
     Nfs,
+    /// GlusterFS directories (quota per volume) on a real glusterd, node FUSE mounts.
+    Gluster,
 }
 
 impl Kind {
@@ -80,6 +85,7 @@ impl Kind {
             Kind::Image => "local-image",
             Kind::Block => "local-block",
             Kind::Nfs => "nfs-controller",
+            Kind::Gluster => "glusterfs",
         }
     }
 }
@@ -219,6 +225,14 @@ impl Harness {
                 .unwrap();
                 n.export_dir.join(sub)
             }
+            Kind::Gluster => {
+                let g = gluster_common::gluster()?;
+                let sub = format!("chaos-{}-{seed:x}", std::process::id());
+                // The config's own file name; the harness restarts plugins with `cfg`.
+                let made = g.config(dir.path(), &sub, "");
+                std::fs::rename(&made, &cfg).unwrap();
+                g.brick.join(sub)
+            }
             _ => {
                 let base = dir.path().join("base");
                 // Quoted: a bare `off` is YAML's false.
@@ -251,6 +265,12 @@ impl Harness {
             let n = node_client(p.ready().await.unwrap());
             (Some(p), Some(n))
         };
+        // The GlusterFS controller keeps one management FUSE mount under its state dir.
+        let allowed_mounts = if kind == Kind::Gluster {
+            BTreeSet::from([dir.path().join("state")])
+        } else {
+            BTreeSet::new()
+        };
         Some(Harness {
             kind,
             seed,
@@ -265,7 +285,7 @@ impl Harness {
             held: BTreeMap::new(),
             creating: None,
             deleting: None,
-            allowed_mounts: BTreeSet::new(),
+            allowed_mounts,
             staged: BTreeSet::new(),
             fig: Figures::default(),
         })
@@ -316,6 +336,9 @@ impl Harness {
         match (self.kind, op) {
             (Kind::Image, Op::Create(_)) => 400,
             (Kind::Image | Kind::Block, Op::Stage(_) | Op::Unstage(_)) => 120,
+            // Quota commands to glusterd, FUSE mounts.
+            (Kind::Gluster, Op::Create(_) | Op::Delete(_)) => 800,
+            (Kind::Gluster, Op::Stage(_) | Op::Unstage(_)) => 300,
             _ => 60,
         }
     }
@@ -558,7 +581,10 @@ impl Harness {
     fn read_back(&self, name: &str) -> Result<Vec<u8>, String> {
         let vol = self.base.join(name);
         match self.kind {
-            Kind::Dir | Kind::Nfs => std::fs::read(vol.join("data")).map_err(|e| e.to_string()),
+            // The brick holds a volume's files as they are (one-brick volume).
+            Kind::Dir | Kind::Nfs | Kind::Gluster => {
+                std::fs::read(vol.join("data")).map_err(|e| e.to_string())
+            }
             Kind::Block => {
                 let mut f = std::fs::File::open(vol.join("disk.img")).map_err(|e| e.to_string())?;
                 let len = self.held[name].written.as_ref().map_or(0, Vec::len);
@@ -829,6 +855,18 @@ impl Harness {
     }
 }
 
+impl Drop for Harness {
+    /// Whatever happened, unmount before the temp dir goes: its removal must never walk into
+    /// a mount (the GlusterFS controller's management mount is the whole gluster volume).
+    fn drop(&mut self) {
+        self.ctl.kill();
+        if let Some(n) = self.node.as_mut() {
+            n.kill();
+        }
+        self.cleanup();
+    }
+}
+
 fn op_name(op: &Op) -> String {
     match op {
         Op::Create(r) => r.name.clone(),
@@ -897,6 +935,15 @@ async fn chaos_local_ext4_images() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chaos_local_raw_block() {
     let h = Harness::new(Kind::Block).await.unwrap();
+    h.campaign(cycles()).await;
+}
+
+/// Run by tests/suites/45-gluster.sh, which starts glusterd (not run without it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_glusterfs() {
+    let Some(h) = Harness::new(Kind::Gluster).await else {
+        return;
+    };
     h.campaign(cycles()).await;
 }
 

@@ -2,7 +2,8 @@
 # GlusterFS backend against a real glusterd (tests/infra/gluster.sh): integration tests (quota
 # enforced and expanded online, concurrent creates, snapshots/clones/recycle/onDelete, dead
 # FUSE mounts healed, bad input), then glusterd outages (a separate test binary, since it stops
-# the machine's one glusterd), then csi-sanity. Prints one line: N passed, N failed.
+# the machine's one glusterd), the kill -9 campaign (chaos_glusterfs), then csi-sanity. Prints
+# one line: N passed, N failed.
 set -uo pipefail
 # shellcheck source=tally.bash
 . "$(dirname "$0")/tally.bash"
@@ -33,6 +34,10 @@ for t in gluster gluster_outage; do
   cargo test -p stowage-tests --locked --test "$t" 2>&1 | tee "$out"
   tally_cargo "$out" "${PIPESTATUS[0]}"
 done
+# R2 on GlusterFS: controller and node SIGKILLed at random points (tests/it/chaos.rs; the
+# suite 10-cargo leaves this one out, having no glusterd).
+cargo test -p stowage-tests --locked --test chaos -- --nocapture chaos_glusterfs 2>&1 | tee "$out"
+tally_cargo "$out" "${PIPESTATUS[0]}"
 bash "$root/tests/sanity/run-gluster.sh" 2>&1 | tee "$out"
 rc=${PIPESTATUS[0]}
 line=$(grep -E '^[0-9]+ passed, [0-9]+ failed' "$out" | tail -n 1)
