@@ -1,10 +1,11 @@
 //! `stowage doctor`: checks that explain themselves. Each check is one line, OK, WARN or FAIL,
 //! with what was seen and, unless OK, what to do; any FAIL makes the exit code non-zero.
-//! [`node`] looks at this machine, [`backend`] probes each configured backend instance with the
+//! [`node`] looks at this machine (and [`kernel`] at its kernel), [`backend`] probes each configured backend instance with the
 //! backends' own code, [`cluster`] reads the API server.
 
 pub mod backend;
 pub mod cluster;
+pub mod kernel;
 pub mod node;
 
 use std::io::Write;

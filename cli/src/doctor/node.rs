@@ -1,5 +1,5 @@
-//! Node checks: the FUSE device, the mount helpers the configured backends need (and their
-//! versions), mount propagation of the kubelet directory, each driver's registration socket
+//! Node checks: the FUSE device, the kernel's filesystems and modules ([`super::kernel`]), the
+//! mount helpers the configured backends need (and their versions), mount propagation of the kubelet directory, each driver's registration socket
 //! and the node's CSINode entry.
 
 use std::os::unix::fs::FileTypeExt;
@@ -172,6 +172,7 @@ pub async fn checks(client: Option<&Client>, o: &NodeOptions) -> Vec<Check> {
             }
         }
     }
+    out.extend(super::kernel::checks(&o.backends));
     for c in &o.backends {
         let (kind, groups) = helpers(c);
         for group in groups {
