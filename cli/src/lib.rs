@@ -8,5 +8,6 @@ pub mod explain;
 pub mod kube;
 pub mod migrate;
 pub mod output;
+pub mod progress;
 pub mod status;
 pub mod usage;

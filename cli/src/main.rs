@@ -217,7 +217,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 reclaim_policy: a.reclaim_policy,
                 dry_run: a.dry_run,
             };
-            import::run(&client, &driver, &opts, &mut std::io::stdout()).await?;
+            let mut bar = stowage_cli::progress::Bar::new("importing");
+            let mut out = bar.writer(std::io::stdout());
+            import::run_with(&client, &driver, &opts, &mut out, &mut bar).await?;
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -312,6 +314,7 @@ async fn doctor(a: DoctorArgs, kubeconfig: Option<&std::path::Path>) -> anyhow::
 async fn migrate(a: MigrateArgs, kubeconfig: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     use k8s_openapi::api::core::v1::{PersistentVolume, Pod};
     use kube::api::ListParams;
+    use std::io::Write;
     use stowage_cli::migrate;
     let client = stowage_cli::kube::client(kubeconfig).await?;
     let all: Vec<PersistentVolume> = kube::Api::<PersistentVolume>::all(client.clone())
@@ -366,15 +369,18 @@ async fn migrate(a: MigrateArgs, kubeconfig: Option<&std::path::Path>) -> anyhow
         })
         .with_context(|| format!("--config {}: no nfs backend in it", a.config.display()))?;
     let mut refused = 0;
-    let mut out = std::io::stdout().lock();
+    let mut bar = stowage_cli::progress::Bar::new("migrating");
+    bar.start(chosen.len());
+    let mut out = bar.writer(std::io::stdout().lock());
     for old in chosen {
         let name = old.metadata.name.clone().unwrap_or_default();
+        bar.step(&name);
         let located =
             migrate::check_unused(old, &pods).and_then(|()| migrate::locate(old, &instances));
         let (instance, sub_dir) = match located {
             Ok(l) => l,
             Err(e) => {
-                eprintln!("refused: {e}");
+                bar.suspend(|| eprintln!("refused: {e}"));
                 refused += 1;
                 continue;
             }
@@ -392,7 +398,7 @@ async fn migrate(a: MigrateArgs, kubeconfig: Option<&std::path::Path>) -> anyhow
         let new = match migrate::plan(old, &vol) {
             Ok(n) => n,
             Err(e) => {
-                eprintln!("refused: {e}");
+                bar.suspend(|| eprintln!("refused: {e}"));
                 refused += 1;
                 continue;
             }
@@ -404,7 +410,6 @@ async fn migrate(a: MigrateArgs, kubeconfig: Option<&std::path::Path>) -> anyhow
             .map(|c| c.volume_handle.clone())
             .unwrap_or_default();
         if a.dry_run {
-            use std::io::Write;
             let mut before = old.clone();
             before.metadata.managed_fields = None;
             before.status = None;
@@ -418,7 +423,8 @@ async fn migrate(a: MigrateArgs, kubeconfig: Option<&std::path::Path>) -> anyhow
             .await
             .with_context(|| format!("migrating PV {name}"))?;
         let s = migrate::summary(&new);
-        println!(
+        writeln!(
+            out,
             "migrated PV {name} to nfs.stowage.io volume {handle} (reclaim {}, claim {})",
             s["reclaim"],
             if s["claim"].is_empty() {
@@ -426,8 +432,9 @@ async fn migrate(a: MigrateArgs, kubeconfig: Option<&std::path::Path>) -> anyhow
             } else {
                 &s["claim"]
             }
-        );
+        )?;
     }
+    bar.finish();
     Ok(if refused > 0 {
         ExitCode::FAILURE
     } else {

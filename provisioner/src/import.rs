@@ -132,11 +132,35 @@ pub fn build_pv(driver: &str, vol: &v1::Volume, opts: &ImportOptions) -> Persist
     }
 }
 
+/// Told how far an import has come: the admin CLI draws a progress bar from it.
+pub trait Progress {
+    /// The import of `total` volumes begins.
+    fn start(&mut self, _total: usize) {}
+    /// The next volume, `volume_id`, is being imported (the ones before it are done).
+    fn step(&mut self, _volume_id: &str) {}
+    /// All done (also after failures).
+    fn finish(&mut self) {}
+}
+
+/// No progress reporting.
+impl Progress for () {}
+
 pub async fn run(
     client: &Client,
     driver: &Driver,
     opts: &ImportOptions,
     out: &mut impl Write,
+) -> Result<(), ImportError> {
+    run_with(client, driver, opts, out, &mut ()).await
+}
+
+/// [`run`], telling `progress` about each volume.
+pub async fn run_with(
+    client: &Client,
+    driver: &Driver,
+    opts: &ImportOptions,
+    out: &mut impl Write,
+    progress: &mut dyn Progress,
 ) -> Result<(), ImportError> {
     check_options(opts)?;
     let volumes = driver.list_volumes().await?;
@@ -209,7 +233,9 @@ pub async fn run(
         .collect::<Result<Vec<_>, _>>()?;
 
     let (mut created, mut skipped, mut failed) = (0usize, 0usize, 0usize);
+    progress.start(wanted.len());
     for id in wanted {
+        progress.step(id);
         if let Some(pv) = has_pv.get(id) {
             if !opts.all {
                 writeln!(out, "skipped {id}: already has PV {pv}")?;
@@ -268,6 +294,7 @@ pub async fn run(
             }
         }
     }
+    progress.finish();
     writeln!(
         out,
         "{} {created}, skipped {skipped}, failed {failed}",
