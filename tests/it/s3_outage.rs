@@ -69,23 +69,39 @@ fn start_gateway(ceph_sh: &str, state: &str) {
     );
 }
 
-#[tokio::test]
-async fn radosgw_killed_then_restarted() {
-    let Some(env) = s3_env() else { return };
-    let Some((state, ceph_sh)) = gateway_control() else {
-        return;
-    };
-    let _turn = GATEWAY.lock().await;
-    let bp = format!("{}-", unique("outage"));
+/// The gateway held for this test, plugins on a fresh bucket prefix and one volume `name`:
+/// None (test not run) without a gateway or ceph.sh to restart it.
+async fn setup(
+    prefix: &str,
+    name: &str,
+) -> Option<(
+    S3Env,
+    (String, String),
+    tokio::sync::MutexGuard<'static, ()>,
+    Pair,
+    v1::Volume,
+)> {
+    let env = s3_env()?;
+    let control = gateway_control()?;
+    let turn = GATEWAY.lock().await;
+    let bp = format!("{}-", unique(prefix));
     let mut p = start(&env.endpoint, &format!("    bucketPrefix: {bp}\n")).await;
     let vol =
         p.c.controller
-            .create_volume(create_req(&env, "pvc-up", 1 << 20, &[]))
+            .create_volume(create_req(&env, name, 1 << 20, &[]))
             .await
             .unwrap()
             .into_inner()
             .volume
             .unwrap();
+    Some((env, control, turn, p, vol))
+}
+
+#[tokio::test]
+async fn radosgw_killed_then_restarted() {
+    let Some((env, (state, ceph_sh), _turn, mut p, vol)) = setup("outage", "pvc-up").await else {
+        return;
+    };
     let staging = p.dir.path().join("staging");
     let target = p.dir.path().join("pod/mount");
     p.n.node_stage_volume(stage_req(&env, &vol, &staging))
@@ -187,24 +203,12 @@ async fn radosgw_killed_then_restarted() {
 /// radosgw SIGKILLed while DeleteVolume empties a bucket of 3000 objects (three DeleteObjects
 /// batches): the call ends UNAVAILABLE within a bound, not OK; the volume is not reported gone
 /// while its bucket still holds objects; once the gateway is back the CO's retry deletes the
-/// rest and the bucket, even though the volume's own metadata object went in the first batch.
+/// rest and the bucket.
 #[tokio::test]
 async fn radosgw_killed_mid_bucket_delete() {
-    let Some(env) = s3_env() else { return };
-    let Some((state, ceph_sh)) = gateway_control() else {
+    let Some((env, (state, ceph_sh), _turn, mut p, vol)) = setup("middel", "pvc-full").await else {
         return;
     };
-    let _turn = GATEWAY.lock().await;
-    let bp = format!("{}-", unique("middel"));
-    let mut p = start(&env.endpoint, &format!("    bucketPrefix: {bp}\n")).await;
-    let vol =
-        p.c.controller
-            .create_volume(create_req(&env, "pvc-full", 1 << 20, &[]))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
     let bucket = vol.volume_context["bucket"].clone();
     let s3 = env.client();
     // What a pod left: 3000 small objects.
