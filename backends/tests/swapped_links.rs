@@ -159,3 +159,51 @@ async fn a_copy_keeps_holes_hard_links_modes_times_and_links() {
     // The target must not exist yet: a copy never merges into an existing tree.
     assert!(fs.copy_tree(&from, &to).await.is_err());
 }
+
+/// A wide and deep tree copies and measures with few descriptors: a directory is opened when
+/// its turn comes, not when it is listed (2000 sibling directories and a chain 300 deep under
+/// a limit of 128 open files).
+#[tokio::test]
+async fn wide_and_deep_trees_need_few_descriptors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let base = tmp.path().join("base");
+    let vol = base.join("vol");
+    for i in 0..2000 {
+        let d = vol.join("wide").join(format!("d{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("f"), b"12345").unwrap();
+    }
+    let mut deep = vol.join("deep");
+    for i in 0..300 {
+        deep = deep.join(format!("{i}"));
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    std::fs::write(deep.join("bottom"), b"bottom").unwrap();
+
+    // This binary's other tests use a handful of descriptors.
+    let old = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    rustix::process::setrlimit(
+        rustix::process::Resource::Nofile,
+        rustix::process::Rlimit {
+            current: Some(128),
+            maximum: old.maximum,
+        },
+    )
+    .unwrap();
+    let fs = LocalFs::new(&base);
+    let from = RelPath::parse("path", "vol").unwrap();
+    let copied = fs
+        .copy_tree(&from, &RelPath::parse("path", "copy").unwrap())
+        .await;
+    let size = fs.tree_size(&from).await;
+    rustix::process::setrlimit(rustix::process::Resource::Nofile, old).unwrap();
+    copied.unwrap();
+    assert_eq!(size.unwrap(), 2000 * 5 + 6);
+    let copy = base.join("copy");
+    assert_eq!(std::fs::read(copy.join("wide/d1999/f")).unwrap(), b"12345");
+    let bottom = deep
+        .strip_prefix(&vol)
+        .map(|rel| copy.join(rel).join("bottom"))
+        .unwrap();
+    assert_eq!(std::fs::read(bottom).unwrap(), b"bottom");
+}

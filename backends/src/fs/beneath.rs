@@ -16,8 +16,9 @@
 //! symlinks and hard links within the tree. Devices, FIFOs and sockets are not copied.
 
 use std::collections::HashMap;
+use std::ffi::OsString;
 use std::os::fd::{AsFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags};
@@ -71,57 +72,72 @@ fn names(dir: &OwnedFd) -> Result<Vec<std::ffi::OsString>> {
     Ok(out)
 }
 
-/// An entry of `dir` opened without following a symlink, with what it is. None when it is
-/// gone, or is something this walk does not open (a symlink, device, FIFO or socket: those
-/// are read with `statat`/`readlinkat` by the caller).
+/// An entry of `dir` opened without following a symlink, with what it is: a directory or a
+/// regular file. None when it is gone or is anything else (symlinks, devices, FIFOs and
+/// sockets are read with `statat`/`readlinkat` by the caller, never opened).
 fn open_entry(dir: &OwnedFd, name: &std::ffi::OsStr) -> Result<Option<(OwnedFd, rfs::Stat)>> {
-    let st = match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(st) => st,
-        Err(Errno::NOENT) => return Ok(None),
-        Err(e) => return Err(err("reading", &name.to_string_lossy(), e)),
-    };
-    let ft = FileType::from_raw_mode(st.st_mode);
-    if ft != FileType::Directory && ft != FileType::RegularFile {
-        return Ok(None);
-    }
-    let extra = if ft == FileType::Directory {
-        OFlags::DIRECTORY
-    } else {
-        OFlags::empty()
-    };
-    // NOFOLLOW + (for files) NONBLOCK: a name swapped for a symlink fails (ELOOP), one swapped
-    // for a FIFO does not block the walk; the descriptor's own fstat says what was opened.
-    match rfs::openat(
+    use std::os::fd::AsRawFd;
+    // O_PATH first: it opens nothing (a device node swapped in meanwhile would otherwise have
+    // its driver's open run, as root); what the name is comes from the descriptor itself.
+    let path = match rfs::openat(
         dir,
         name,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK | extra,
+        OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     ) {
-        Ok(fd) => {
-            let st = rfs::fstat(&fd).map_err(|e| err("reading", &name.to_string_lossy(), e))?;
-            if FileType::from_raw_mode(st.st_mode) != ft {
-                return Ok(None);
+        Ok(p) => p,
+        Err(Errno::NOENT) => return Ok(None),
+        Err(e) => return Err(err("opening", &name.to_string_lossy(), e)),
+    };
+    let st = rfs::fstat(&path).map_err(|e| err("reading", &name.to_string_lossy(), e))?;
+    let flags = match FileType::from_raw_mode(st.st_mode) {
+        FileType::Directory => OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        FileType::RegularFile => OFlags::RDONLY | OFlags::CLOEXEC,
+        _ => return Ok(None),
+    };
+    // Reopened through that descriptor: the same inode, whatever the name points at by now.
+    let reopen = format!("/proc/self/fd/{}", path.as_raw_fd());
+    match rfs::open(reopen.as_str(), flags, Mode::empty()) {
+        Ok(fd) => Ok(Some((fd, st))),
+        // No /proc here: by name, refusing a link, and only if it is still the same inode.
+        Err(Errno::NOENT) => match rfs::openat(
+            dir,
+            name,
+            flags | OFlags::NOFOLLOW | OFlags::NONBLOCK,
+            Mode::empty(),
+        ) {
+            Ok(fd) => {
+                let now =
+                    rfs::fstat(&fd).map_err(|e| err("reading", &name.to_string_lossy(), e))?;
+                Ok((now.st_dev == st.st_dev && now.st_ino == st.st_ino).then_some((fd, st)))
             }
-            Ok(Some((fd, st)))
-        }
-        Err(Errno::NOENT | Errno::LOOP | Errno::NOTDIR | Errno::NXIO) => Ok(None),
+            Err(Errno::NOENT | Errno::LOOP | Errno::NOTDIR | Errno::NXIO) => Ok(None),
+            Err(e) => Err(err("opening", &name.to_string_lossy(), e)),
+        },
         Err(e) => Err(err("opening", &name.to_string_lossy(), e)),
     }
 }
 
 /// Apparent size in bytes of every regular file below `rel` (directories and links count 0),
-/// for usage reports.
+/// for usage reports. Like [`copy_tree`], a directory is opened only when its turn comes.
 pub fn tree_size(base: &Path, rel: &RelPath) -> Result<u64> {
-    let root = open_dir_beneath(&open_base(base)?, Some(rel))?;
+    let root = Arc::new(open_dir_beneath(&open_base(base)?, Some(rel))?);
     let mut total = 0u64;
-    let mut stack = vec![root];
-    while let Some(dir) = stack.pop() {
+    let mut stack: Vec<(Arc<OwnedFd>, Option<OsString>)> = vec![(root, None)];
+    while let Some((parent, name)) = stack.pop() {
+        let dir = match name {
+            None => parent,
+            Some(name) => match open_entry(&parent, &name)? {
+                Some((fd, st)) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                    Arc::new(fd)
+                }
+                _ => continue,
+            },
+        };
         for name in names(&dir)? {
-            match rfs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
+            match rfs::statat(&*dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
-                    if let Some((fd, _)) = open_entry(&dir, &name)? {
-                        stack.push(fd);
-                    }
+                    stack.push((dir.clone(), Some(name)));
                 }
                 Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile => {
                     total = total.saturating_add(st.st_size as u64);
@@ -134,16 +150,27 @@ pub fn tree_size(base: &Path, rel: &RelPath) -> Result<u64> {
     Ok(total)
 }
 
-/// One directory still to copy: its source (opened), the destination's parent and its name.
+/// Where a directory still to copy comes from: the root (opened already), or an entry of a
+/// directory being copied, opened only when its turn comes. Descriptors stay open only for
+/// the directories on the way down to the one being copied (their pending entries hold
+/// them), so a wide or deep tree does not run out of descriptors.
+enum Source {
+    Root(OwnedFd, rfs::Stat),
+    Entry(Arc<OwnedFd>, OsString),
+}
+
+/// One directory still to copy and where its copy goes.
 struct Pending {
-    src: OwnedFd,
-    st: rfs::Stat,
+    src: Source,
     dst_parent: Arc<OwnedFd>,
-    name: std::ffi::OsString,
+    dst_name: OsString,
+    /// The copy's path below the base (for its attributes, set at the end).
+    dst_rel: PathBuf,
 }
 
 /// Copies the tree at `from` to a new tree at `to` (whose parent must exist and which must
-/// not), both below `base`.
+/// not), both below `base`. The destination is the driver's own fresh tree (a temporary
+/// directory no pod sees); only the source is walked by descriptors.
 pub fn copy_tree(base: &Path, from: &RelPath, to: &RelPath) -> Result<()> {
     let base_fd = open_base(base)?;
     let src_root = open_dir_beneath(&base_fd, Some(from))?;
@@ -151,41 +178,49 @@ pub fn copy_tree(base: &Path, from: &RelPath, to: &RelPath) -> Result<()> {
     let dst_parent = Arc::new(open_dir_beneath(&base_fd, to.parent().as_ref())?);
     let mut copier = Copier::default();
     let mut stack = vec![Pending {
-        src: src_root,
-        st: st_root,
+        src: Source::Root(src_root, st_root),
         dst_parent,
-        name: to.file_name().into(),
+        dst_name: to.file_name().into(),
+        dst_rel: PathBuf::from(to.as_str()),
     }];
     // Directory modes and times are set once their contents are in (a read-only directory
     // would refuse its own files; adding files changes its mtime).
-    let mut finish: Vec<(Arc<OwnedFd>, rfs::Stat)> = Vec::new();
+    let mut finish: Vec<(PathBuf, rfs::Stat)> = Vec::new();
     while let Some(p) = stack.pop() {
-        let dst = make_dir(&p.dst_parent, &p.name)?;
-        let dst = Arc::new(dst);
-        for name in names(&p.src)? {
-            let st = match rfs::statat(&p.src, &name, AtFlags::SYMLINK_NOFOLLOW) {
+        let (src, st) = match p.src {
+            Source::Root(fd, st) => (fd, st),
+            Source::Entry(parent, name) => match open_entry(&parent, &name)? {
+                Some((fd, st)) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                    (fd, st)
+                }
+                // Gone or swapped for something else since it was listed.
+                _ => continue,
+            },
+        };
+        let src = Arc::new(src);
+        let dst = Arc::new(make_dir(&p.dst_parent, &p.dst_name)?);
+        for name in names(&src)? {
+            let est = match rfs::statat(&*src, &name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) => st,
                 Err(Errno::NOENT) => continue,
                 Err(e) => return Err(err("reading", &name.to_string_lossy(), e)),
             };
-            match FileType::from_raw_mode(st.st_mode) {
-                FileType::Directory => {
-                    if let Some((src, st)) = open_entry(&p.src, &name)? {
-                        stack.push(Pending {
-                            src,
-                            st,
-                            dst_parent: dst.clone(),
-                            name,
-                        });
-                    }
-                }
+            match FileType::from_raw_mode(est.st_mode) {
+                FileType::Directory => stack.push(Pending {
+                    src: Source::Entry(src.clone(), name.clone()),
+                    dst_parent: dst.clone(),
+                    dst_rel: p.dst_rel.join(&name),
+                    dst_name: name,
+                }),
                 FileType::RegularFile => {
-                    if let Some((src, st)) = open_entry(&p.src, &name)? {
-                        copier.file(&src, &st, &dst, &name)?;
+                    if let Some((fd, fst)) = open_entry(&src, &name)?
+                        && FileType::from_raw_mode(fst.st_mode) == FileType::RegularFile
+                    {
+                        copier.file(&base_fd, &fd, &fst, &dst, &p.dst_rel, &name)?;
                     }
                 }
                 FileType::Symlink => {
-                    let target = match rfs::readlinkat(&p.src, &name, Vec::new()) {
+                    let target = match rfs::readlinkat(&*src, &name, Vec::new()) {
                         Ok(t) => t,
                         Err(Errno::NOENT | Errno::INVAL) => continue,
                         Err(e) => return Err(err("reading", &name.to_string_lossy(), e)),
@@ -195,18 +230,30 @@ pub fn copy_tree(base: &Path, from: &RelPath, to: &RelPath) -> Result<()> {
                     let _ = rfs::chownat(
                         &*dst,
                         &name,
-                        Some(rfs::Uid::from_raw(st.st_uid)),
-                        Some(rfs::Gid::from_raw(st.st_gid)),
+                        Some(rfs::Uid::from_raw(est.st_uid)),
+                        Some(rfs::Gid::from_raw(est.st_gid)),
                         AtFlags::SYMLINK_NOFOLLOW,
                     );
                 }
                 _ => {}
             }
         }
-        finish.push((dst, p.st));
+        finish.push((p.dst_rel, st));
     }
-    for (fd, st) in finish.iter().rev() {
-        set_attrs(fd, st)?;
+    for (rel, st) in finish.iter().rev() {
+        match rfs::openat(
+            &base_fd,
+            rel,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => set_attrs(&fd, st)?,
+            // Deeper than PATH_MAX: the copy is whole, only this directory keeps mode 0700.
+            Err(Errno::NAMETOOLONG) => {
+                tracing::warn!(path = %rel.display(), "copy: directory too deep to set its mode and times");
+            }
+            Err(e) => return Err(err("opening", &rel.display(), e)),
+        }
     }
     Ok(())
 }
@@ -248,28 +295,30 @@ fn set_attrs(fd: &OwnedFd, st: &rfs::Stat) -> Result<()> {
 
 #[derive(Default)]
 struct Copier {
-    /// Files with more than one link already copied, by (device, inode): their copy's
-    /// directory and name, so the next link becomes a hard link of the copy.
-    linked: HashMap<(u64, u64), (Arc<OwnedFd>, std::ffi::OsString)>,
+    /// Files with more than one link already copied, by (device, inode): their copy's path
+    /// below the base, so the next link becomes a hard link of the copy.
+    linked: HashMap<(u64, u64), PathBuf>,
 }
 
 impl Copier {
     fn file(
         &mut self,
+        base: &OwnedFd,
         src: &OwnedFd,
         st: &rfs::Stat,
-        dst_dir: &Arc<OwnedFd>,
+        dst_dir: &OwnedFd,
+        dst_dir_rel: &Path,
         name: &std::ffi::OsStr,
     ) -> Result<()> {
         let key = (st.st_dev, st.st_ino);
         if st.st_nlink > 1
-            && let Some((dir, first)) = self.linked.get(&key)
+            && let Some(first) = self.linked.get(&key)
         {
-            return rfs::linkat(&**dir, first, &**dst_dir, name, AtFlags::empty())
+            return rfs::linkat(base, first, dst_dir, name, AtFlags::empty())
                 .map_err(|e| err("linking", &name.to_string_lossy(), e));
         }
         let dst = rfs::openat(
-            &**dst_dir,
+            dst_dir,
             name,
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
@@ -281,8 +330,7 @@ impl Copier {
         }
         set_attrs(&dst, st)?;
         if st.st_nlink > 1 {
-            self.linked
-                .insert(key, (dst_dir.clone(), name.to_os_string()));
+            self.linked.insert(key, dst_dir_rel.join(name));
         }
         Ok(())
     }
