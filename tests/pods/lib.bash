@@ -198,6 +198,55 @@ $(node_selector "      ")
       resources: {requests: {storage: 512Mi}}
 EOF
 }
+# PostgreSQL StatefulSet $1 (default pg; image localhost/stowage/postgres, entrypoint
+# tests/pods/postgres-entrypoint.sh) on class $2 (default $sc): a load generator on the host
+# (tests/pods/pg-load.py) records each row once its commit was acknowledged; the container is
+# SIGKILLed mid-insert; after the restart every acknowledged row must be there and pg_amcheck
+# clean. Leaves the StatefulSet running (80-pods force-deletes its pod next); sets pg_ip,
+# pg_next (the next row ID) and detail.
+psql_() { timeout 20 psql -X -q -At -h "$pg_ip" -U postgres -d postgres "$@"; }
+pg_ready() { [ "$(k -n "$ns" get pod "${pg_set:-pg}-0" -o 'jsonpath={.status.containerStatuses[0].ready}' 2>/dev/null)" = true ]; }
+s_postgres() {
+  local set=${1:-pg} class=${2:-$sc} t0 cid out acked found missing lpid kill_t rec
+  pg_set=$set
+  t0=$SECONDS
+  "$images" import "$CONTAINERD_SOCK" postgres >"$work/pg-image.log" 2>&1 ||
+    { why="postgres image: $(tail -n 3 "$work/pg-image.log")"; return 1; }
+  say "postgres image ready in containerd in $((SECONDS - t0))s"
+  k -n "$ns" get configmap pg-entry >/dev/null 2>&1 ||
+    k -n "$ns" create configmap pg-entry --from-file=entrypoint.sh="$root/tests/pods/postgres-entrypoint.sh" >/dev/null ||
+    { why="configmap"; return 1; }
+  db_statefulset "$set" "$("$images" ref postgres)" pg-entry PGDATA=/data/pg '["pg_isready", "-h", "/tmp", "-U", "postgres"]' "$class" ||
+    { why="StatefulSet $set did not apply"; return 1; }
+  t0=$(now)
+  until_ok 180 pg_ready || { why="$set-0 not ready in 180 s: $(k -n "$ns" logs "$set-0" 2>&1 | tail -n 3)"; return 1; }
+  pg_ip=$(k -n "$ns" get pod "$set-0" -o 'jsonpath={.status.podIP}')
+  say "postgres $set ready at $pg_ip $(secs "$t0" "$(now)")s after apply on $class (initdb included)"
+  psql_ -c 'CREATE TABLE t (id bigint PRIMARY KEY, pad text)' || { why="CREATE TABLE failed on $pg_ip"; return 1; }
+  : > "$work/$set-acked"
+  python3 "$root/tests/pods/pg-load.py" "$pg_ip" "$work/$set-acked" >"$work/$set-load.out" 2>&1 &
+  lpid=$!
+  sleep 4
+  cid=$(k -n "$ns" get pod "$set-0" -o 'jsonpath={.status.containerStatuses[0].containerID}'); cid=${cid#containerd://}
+  [ -n "$cid" ] || { kill "$lpid"; why="no container ID for $set-0"; return 1; }
+  kill_t=$(now)
+  timeout 20 ctr -a "$CONTAINERD_SOCK" -n k8s.io tasks kill -s SIGKILL "$cid" || { kill "$lpid"; why="ctr tasks kill failed"; return 1; }
+  until_ok 30 bash -c "! kill -0 $lpid" || kill "$lpid"
+  wait "$lpid"
+  until_ok 120 psql_ -c 'SELECT 1' || { why="postgres not back within 120 s of kill -9: $(k -n "$ns" logs "$set-0" 2>&1 | tail -n 3)"; return 1; }
+  rec=$(secs "$kill_t" "$(now)")
+  until_ok 30 pg_ready
+  psql_ -c 'SELECT id FROM t ORDER BY id' > "$work/$set-found" || { why="SELECT after restart failed"; return 1; }
+  acked=$(wc -l < "$work/$set-acked"); found=$(wc -l < "$work/$set-found")
+  missing=$(comm -23 <(sort "$work/$set-acked") <(sort "$work/$set-found") | wc -l)
+  say "postgres $set kill -9 on $class: $(cat "$work/$set-load.out"); rows acked $acked, found $found, missing $missing; recovery ${rec}s; restarts $(k -n "$ns" get pod "$set-0" -o 'jsonpath={.status.containerStatuses[0].restartCount}')"
+  [ "$acked" -gt 0 ] || { why="no row was acknowledged before the kill"; return 1; }
+  [ "$missing" = 0 ] || { why="$missing of $acked acknowledged rows missing after kill -9"; return 1; }
+  out=$(timeout 120 /usr/lib/postgresql/15/bin/pg_amcheck --install-missing -h "$pg_ip" -U postgres -d postgres 2>&1) ||
+    { why="pg_amcheck: $(echo "$out" | tail -n 3)"; return 1; }
+  detail="rows acked $acked, found $found, missing 0, recovery ${rec}s, pg_amcheck clean"
+  pg_next=$(( $(sort -n "$work/$set-found" | tail -n 1) + 1 ))
+}
 now() { date +%s.%N; }
 secs() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
 sock_up() { python3 -c 'import socket,sys; s=socket.socket(socket.AF_UNIX); s.settimeout(2); s.connect(sys.argv[1])' "$1"; }

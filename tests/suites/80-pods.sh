@@ -411,47 +411,6 @@ s_volume_stats() {
   detail="used $used, capacity $cap of a 64 MiB claim; stowage status used $cli_used"
 }
 
-psql_() { timeout 20 psql -X -q -At -h "$pg_ip" -U postgres -d postgres "$@"; }
-pg_ready() { [ "$(k -n "$ns" get pod pg-0 -o 'jsonpath={.status.containerStatuses[0].ready}' 2>/dev/null)" = true ]; }
-s_postgres() {
-  local t0 cid out acked found missing lpid kill_t rec
-  t0=$SECONDS
-  "$images" import "$CONTAINERD_SOCK" postgres >"$work/pg-image.log" 2>&1 ||
-    { why="postgres image: $(tail -n 3 "$work/pg-image.log")"; return 1; }
-  say "postgres image ready in containerd in $((SECONDS - t0))s"
-  k -n "$ns" create configmap pg-entry --from-file=entrypoint.sh="$root/tests/pods/postgres-entrypoint.sh" >/dev/null || { why="configmap"; return 1; }
-  db_statefulset pg "$("$images" ref postgres)" pg-entry PGDATA=/data/pg '["pg_isready", "-h", "/tmp", "-U", "postgres"]' "$sc" ||
-    { why="StatefulSet pg did not apply"; return 1; }
-  t0=$(now)
-  until_ok 180 pg_ready || { why="pg-0 not ready in 180 s: $(k -n "$ns" logs pg-0 2>&1 | tail -n 3)"; return 1; }
-  pg_ip=$(k -n "$ns" get pod pg-0 -o 'jsonpath={.status.podIP}')
-  say "postgres ready at $pg_ip $(secs "$t0" "$(now)")s after apply (initdb included)"
-  psql_ -c 'CREATE TABLE t (id bigint PRIMARY KEY, pad text)' || { why="CREATE TABLE failed on $pg_ip"; return 1; }
-  : > "$work/pg-acked"
-  python3 "$root/tests/pods/pg-load.py" "$pg_ip" "$work/pg-acked" >"$work/pg-load.out" 2>&1 &
-  lpid=$!
-  sleep 4
-  cid=$(k -n "$ns" get pod pg-0 -o 'jsonpath={.status.containerStatuses[0].containerID}'); cid=${cid#containerd://}
-  [ -n "$cid" ] || { kill "$lpid"; why="no container ID for pg-0"; return 1; }
-  kill_t=$(now)
-  timeout 20 ctr -a "$CONTAINERD_SOCK" -n k8s.io tasks kill -s SIGKILL "$cid" || { kill "$lpid"; why="ctr tasks kill failed"; return 1; }
-  until_ok 30 bash -c "! kill -0 $lpid" || kill "$lpid"
-  wait "$lpid"
-  until_ok 120 psql_ -c 'SELECT 1' || { why="postgres not back within 120 s of kill -9: $(k -n "$ns" logs pg-0 2>&1 | tail -n 3)"; return 1; }
-  rec=$(secs "$kill_t" "$(now)")
-  until_ok 30 pg_ready
-  psql_ -c 'SELECT id FROM t ORDER BY id' > "$work/pg-found" || { why="SELECT after restart failed"; return 1; }
-  acked=$(wc -l < "$work/pg-acked"); found=$(wc -l < "$work/pg-found")
-  missing=$(comm -23 <(sort "$work/pg-acked") <(sort "$work/pg-found") | wc -l)
-  say "postgres kill -9: $(cat "$work/pg-load.out"); rows acked $acked, found $found, missing $missing; recovery ${rec}s; restarts $(k -n "$ns" get pod pg-0 -o 'jsonpath={.status.containerStatuses[0].restartCount}')"
-  [ "$acked" -gt 0 ] || { why="no row was acknowledged before the kill"; return 1; }
-  [ "$missing" = 0 ] || { why="$missing of $acked acknowledged rows missing after kill -9"; return 1; }
-  out=$(timeout 120 /usr/lib/postgresql/15/bin/pg_amcheck --install-missing -h "$pg_ip" -U postgres -d postgres 2>&1) ||
-    { why="pg_amcheck: $(echo "$out" | tail -n 3)"; return 1; }
-  detail="rows acked $acked, found $found, missing 0, recovery ${rec}s, pg_amcheck clean"
-  pg_next=$(( $(sort -n "$work/pg-found" | tail -n 1) + 1 ))
-}
-
 # The same StatefulSet (left running by s_postgres): pg-0 force-deleted mid-insert; the
 # StatefulSet makes a new pg-0 on the same claim.
 s_postgres_force() {

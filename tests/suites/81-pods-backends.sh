@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Pods on the network backends with a REAL kubelet (the node of tests/suites/80-pods.sh, the
 # helpers of tests/pods/lib.bash): GlusterFS (tests/infra/gluster.sh), S3 and RBD through
-# rbd-fuse (one Ceph with radosgw, tests/infra/ceph.sh --rgw), resize in a running pod, and a
-# MariaDB StatefulSet killed with SIGKILL mid-insert. Per backend one stowage-controller, one
+# rbd-fuse (one Ceph with radosgw, tests/infra/ceph.sh --rgw), resize in a running pod, and
+# MariaDB and PostgreSQL StatefulSets on RBD and GlusterFS killed with SIGKILL mid-insert. Per backend one stowage-controller, one
 # stowage-node (registering itself with kubelet) and one stowage-provisioner (provision, attach,
 # resize duties) on the host; the CSIDriver objects are the chart's (provisioner/deploy/csidriver).
 # A second kubelet node (own containerd and network) runs the GlusterFS and RBD node plugins:
@@ -390,7 +390,7 @@ s_resize_rbd() {
 }
 
 # MariaDB StatefulSet $1 (image localhost/stowage/mariadb:10.11, tests/pods/mariadb-entrypoint.sh)
-# on the StorageClass $2 (network backends here; PostgreSQL in 80-pods covers local): mysqld
+# on the StorageClass $2 (network backends here): mysqld
 # killed with SIGKILL mid-insert; after kubelet restarts it, every row the load generator
 # (tests/pods/mariadb-load.sh, in a pod) saw acknowledged is there and CHECK TABLE passes.
 my_() { k -n "$ns" exec "$1" -- mariadb -N -B --socket=/run/mysqld/mysqld.sock -u root "${@:2}"; }
@@ -458,6 +458,15 @@ EOF
   k -n "$ns" delete pvc "data-$p" --wait=false >/dev/null
 }
 
+# PostgreSQL on the network backends: 80-pods' kill -9 scenario (tests/pods/lib.bash
+# s_postgres), then the StatefulSet and its claim go.
+s_postgres_on() { # set class
+  s_postgres "$1" "$2" || return 1
+  k -n "$ns" delete statefulset "$1" --wait=false >/dev/null
+  until_ok 90 gone pod "$1-0" || { why="$1-0 not deleted"; return 1; }
+  k -n "$ns" delete pvc "data-$1-0" --wait=false >/dev/null
+}
+
 # ReadWriteMany across the two nodes: one pod on each, each reads the other's write.
 s_gluster_rwx_nodes() {
   local c=gl-shared a b n1 n2
@@ -523,6 +532,8 @@ run "resize local (capacity: image) while a pod writes" s_resize_local
 run "resize RBD (xfs) while a pod writes: df in the pod shows the new size" s_resize_rbd
 run "MariaDB StatefulSet on RBD: kill -9 mid-insert, every acknowledged row present" s_mariadb my-rbd "pods-rbd-$id"
 run "MariaDB StatefulSet on GlusterFS: kill -9 mid-insert, every acknowledged row present" s_mariadb my-gluster "pods-gluster-$id"
+run "PostgreSQL StatefulSet on RBD: kill -9 mid-insert, every acknowledged row present" s_postgres_on pg-rbd "pods-rbd-$id"
+run "PostgreSQL StatefulSet on GlusterFS: kill -9 mid-insert, every acknowledged row present" s_postgres_on pg-gluster "pods-gluster-$id"
 
 until_ok 60 no_csi_mounts || fail "no CSI mounts left at the end" "$(csi_mounts | tr '\n' ' ')"
 until_ok 60 no_csi_mounts "$node2_root" || fail "no CSI mounts left on $node2 at the end" "$(csi_mounts "$node2_root" | tr '\n' ' ')"
