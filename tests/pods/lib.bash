@@ -219,7 +219,7 @@ s_postgres() {
   db_statefulset "$set" "$("$images" ref postgres)" pg-entry PGDATA=/data/pg '["pg_isready", "-h", "/tmp", "-U", "postgres"]' "$class" ||
     { why="StatefulSet $set did not apply"; return 1; }
   t0=$(now)
-  until_ok 180 pg_ready || { why="$set-0 not ready in 180 s: $(k -n "$ns" logs "$set-0" 2>&1 | tail -n 3)"; return 1; }
+  until_ok 180 pg_ready || { why="$set-0 not ready in 180 s: $(pod_story "$set-0")"; return 1; }
   pg_ip=$(k -n "$ns" get pod "$set-0" -o 'jsonpath={.status.podIP}')
   say "postgres $set ready at $pg_ip $(secs "$t0" "$(now)")s after apply on $class (initdb included)"
   psql_ -c 'CREATE TABLE t (id bigint PRIMARY KEY, pad text)' || { why="CREATE TABLE failed on $pg_ip"; return 1; }
@@ -246,6 +246,83 @@ s_postgres() {
     { why="pg_amcheck: $(echo "$out" | tail -n 3)"; return 1; }
   detail="rows acked $acked, found $found, missing 0, recovery ${rec}s, pg_amcheck clean"
   pg_next=$(( $(sort -n "$work/$set-found" | tail -n 1) + 1 ))
+}
+# MariaDB StatefulSet $1 (image localhost/stowage/mariadb:10.11, tests/pods/mariadb-entrypoint.sh)
+# on the StorageClass $2: mysqld
+# killed with SIGKILL mid-insert; after kubelet restarts it, every row the load generator
+# (tests/pods/mariadb-load.sh, in a pod) saw acknowledged is there and CHECK TABLE passes.
+my_() { k -n "$ns" exec "$1" -- mariadb -N -B --socket=/run/mysqld/mysqld.sock -u root "${@:2}"; }
+my_ready() { [ "$(k -n "$ns" get pod "$1" -o 'jsonpath={.status.containerStatuses[0].ready}' 2>/dev/null)" = true ]; }
+s_mariadb() {
+  local set=$1 t0 ip cid kill_t rec acked found missing chk restarts p=$1-0
+  local sc=$2
+  t0=$SECONDS
+  { [ -z "${mariadb_import:-}" ] || wait "$mariadb_import"; } && mariadb_import="" &&
+    "$images" import "$CONTAINERD_SOCK" mariadb >>"$work/mariadb-image.log" 2>&1 ||
+    { why="mariadb image: $(tail -n 3 "$work/mariadb-image.log")"; return 1; }
+  say "mariadb image in containerd ($((SECONDS - t0))s waited; imported during the earlier scenarios)"
+  k -n "$ns" get configmap my-entry >/dev/null 2>&1 ||
+    k -n "$ns" create configmap my-entry --from-file=entrypoint.sh="$root/tests/pods/mariadb-entrypoint.sh" \
+      --from-file=load.sh="$root/tests/pods/mariadb-load.sh" >/dev/null || { why="configmap"; return 1; }
+  db_statefulset "$set" "$("$images" ref mariadb)" my-entry DATADIR=/data/mysql \
+    '["mariadb-admin", "--socket=/run/mysqld/mysqld.sock", "-u", "root", "ping"]' "$sc" ||
+    { why="StatefulSet $set did not apply"; return 1; }
+  t0=$(now)
+  until_ok 240 my_ready "$p" || { why="$p not ready in 240 s: $(pod_story "$p")"; return 1; }
+  ip=$(k -n "$ns" get pod "$p" -o 'jsonpath={.status.podIP}')
+  local ready_t; ready_t=$(secs "$t0" "$(now)")
+  say "mariadb $p ready at $ip ${ready_t}s after apply (install-db included)"
+  my_ "$p" stowage -e 'CREATE TABLE t (id BIGINT PRIMARY KEY, pad TEXT) ENGINE=InnoDB' || { why="CREATE TABLE failed"; return 1; }
+  cat <<EOF | k -n "$ns" apply -f - >/dev/null
+apiVersion: v1
+kind: Pod
+metadata: {name: $set-load}
+spec:
+  restartPolicy: Never
+  terminationGracePeriodSeconds: 0
+$(node_selector "  ")
+  containers:
+  - name: c
+    image: $("$images" ref mariadb)
+    imagePullPolicy: Never
+    command: ["/bin/sh", "/entry/load.sh", "$ip", "1"]
+    volumeMounts: [{name: entry, mountPath: /entry}]
+  volumes: [{name: entry, configMap: {name: my-entry}}]
+EOF
+  until_ok 60 logs_have "$set-load" 'ack 200$' || { why="load generator did not get 200 rows acknowledged in 60 s: $(k -n "$ns" logs "$set-load" 2>&1 | tail -n 2)"; return 1; }
+  sleep 3
+  cid=$(k -n "$ns" get pod "$p" -o 'jsonpath={.status.containerStatuses[0].containerID}'); cid=${cid#containerd://}
+  [ -n "$cid" ] || { why="no container ID for $p"; return 1; }
+  kill_t=$(now)
+  timeout 20 ctr -a "$CONTAINERD_SOCK" -n k8s.io tasks kill -s SIGKILL "$cid" || { why="ctr tasks kill failed"; return 1; }
+  wait_phase "$set-load" Failed 60 || { why="load generator did not stop after the kill: $why"; return 1; }
+  until_ok 180 my_ "$p" -e 'SELECT 1' || { why="mariadb not back within 180 s of kill -9: $(k -n "$ns" logs "$p" 2>&1 | tail -n 3 | tr '\n' ' ')"; return 1; }
+  rec=$(secs "$kill_t" "$(now)")
+  k -n "$ns" logs "$set-load" 2>/dev/null | sed -n 's/^ack //p' > "$work/$set-acked"
+  my_ "$p" stowage -e 'SELECT id FROM t ORDER BY id' > "$work/$set-found" || { why="SELECT after restart failed"; return 1; }
+  acked=$(wc -l < "$work/$set-acked"); found=$(wc -l < "$work/$set-found")
+  missing=$(comm -23 <(sort "$work/$set-acked") <(sort "$work/$set-found") | wc -l)
+  chk=$(my_ "$p" stowage -e 'CHECK TABLE t EXTENDED' 2>&1 | awk '{print $3, $4}' | tr '\n' ' ')
+  restarts=$(k -n "$ns" get pod "$p" -o 'jsonpath={.status.containerStatuses[0].restartCount}')
+  say "mariadb kill -9 on $sc: rows acked $acked, found $found, missing $missing; recovery ${rec}s; restarts $restarts; CHECK TABLE: $chk; load: $(k -n "$ns" logs "$set-load" 2>&1 | grep -v '^ack' | tail -n 1)"
+  [ "$acked" -gt 0 ] || { why="no row was acknowledged before the kill"; return 1; }
+  [ "$missing" = 0 ] || { why="$missing of $acked acknowledged rows missing after kill -9"; return 1; }
+  [ "$restarts" -ge 1 ] || { why="container restart count $restarts: the kill did not happen"; return 1; }
+  grep -q 'status OK' <<<"$chk" || { why="CHECK TABLE: $chk"; return 1; }
+  detail="ready ${ready_t}s after apply, rows acked $acked, found $found, missing 0, back ${rec}s after kill -9, CHECK TABLE OK"
+  delete_pod "$set-load"
+  k -n "$ns" delete statefulset "$set" --wait=false >/dev/null
+  until_ok 90 gone pod "$p" || { why="$p not deleted"; return 1; }
+  k -n "$ns" delete pvc "data-$p" --wait=false >/dev/null
+}
+
+# What a pod that did not get ready went through: its phase and node, its last log lines and
+# its last events (a volume that never mounted shows only there).
+pod_story() {
+  printf 'pod: %s; log: %s; events: %s' \
+    "$(k -n "$ns" get pod "$1" -o wide --no-headers 2>&1 | tr -s ' ')" \
+    "$(k -n "$ns" logs "$1" 2>&1 | tail -n 3 | tr '\n' ' ')" \
+    "$(k -n "$ns" get events --field-selector "involvedObject.name=$1" --sort-by=.lastTimestamp -o 'custom-columns=R:.reason,M:.message' --no-headers 2>&1 | tail -n 4 | tr '\n' ' ')"
 }
 now() { date +%s.%N; }
 secs() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }

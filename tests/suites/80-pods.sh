@@ -462,6 +462,7 @@ run "stowage-node SIGKILL + restart: driver re-registered" s_restart
 run "kubelet restart: driver re-registered, running pod keeps its volume" s_kubelet_restart
 run "PostgreSQL StatefulSet: kill -9 mid-insert, every acknowledged row present" s_postgres
 run "PostgreSQL StatefulSet: pod force-deleted mid-insert, new pod has every acknowledged row" s_postgres_force
+run "MariaDB StatefulSet: kill -9 mid-insert, every acknowledged row present" s_mariadb my-local "$sc"
 
 until_ok 60 no_csi_mounts || fail "no CSI mounts left at the end" "$(csi_mounts | tr '\n' ' ')"
 say "pod start to first write: ${first_write:-n/a} s (claim bound beforehand; kubectl apply until the pod's log shows the write)"
