@@ -61,6 +61,12 @@ fn devices_for_blocking(file: &Path) -> Result<Vec<PathBuf>> {
         let Ok(backing) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
             continue;
         };
+        // Only devices whose file has the image's name in a directory of the volume's name (sysfs
+        // keeps those two however it cuts the path) are asked: LOOP_GET_STATUS64 stats the
+        // backing file, which hangs on a hung FUSE daemon's file (an rbd-fuse image).
+        if !tail_matches(Path::new(backing.trim_end()), &want_path) {
+            continue;
+        }
         let dev = PathBuf::from(format!("/dev/{name}"));
         let matches = match backing_id(&dev) {
             Identity::Known(id) => id == want_id,
@@ -127,6 +133,22 @@ fn backing_id(dev: &Path) -> Identity {
     let major = ((d & 0xfff00) >> 8) as u32;
     let minor = ((d & 0xff) | ((d >> 12) & 0xfff00)) as u32;
     Identity::Known((major, minor, info.lo_inode))
+}
+
+/// Whether the last two components (the volume's directory, the image's name) of `backing`
+/// and `want` are the same.
+fn tail_matches(backing: &Path, want: &Path) -> bool {
+    fn tail(
+        p: &Path,
+    ) -> (
+        Option<std::path::Component<'_>>,
+        Option<std::path::Component<'_>>,
+    ) {
+        let mut c = p.components().rev();
+        (c.next(), c.next())
+    }
+    let (b, w) = (tail(backing), tail(want));
+    b.0.is_some() && b.1.is_some() && b == w
 }
 
 /// Whether sysfs's `backing` path names `want` (canonical): the same path, or, when the mount
@@ -240,6 +262,26 @@ pub(super) async fn attach(file: &Path, volume_id: &str, block: bool) -> Result<
 mod tests {
     use super::path_matches;
     use std::path::Path;
+
+    #[test]
+    fn only_devices_of_the_same_volume_and_image_name_are_asked() {
+        let want = Path::new("/var/lib/stowage/local/pvc-1/fs.img");
+        for (backing, expect) in [
+            ("/var/lib/stowage/local/pvc-1/fs.img", true),
+            ("/pvc-1/fs.img", true),
+            ("/elsewhere/pvc-1/fs.img", true),
+            ("/pvc-1/disk.img", false),
+            ("/pvc-2/fs.img", false),
+            ("/run/stowage/rbd/ab12/mnt/csi-vol-x", false),
+            ("/fs.img", false),
+        ] {
+            assert_eq!(
+                super::tail_matches(Path::new(backing), want),
+                expect,
+                "{backing}"
+            );
+        }
+    }
 
     #[test]
     fn paths_match_whole_or_from_a_mount_root() {
