@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Ceph RBD backend against a real single-node Ceph (tests/infra/ceph.sh: mon + mgr + bluestore
 # OSD on a sparse file). On the host: the integration tests (rbd-fuse + loop attachments, OSD
-# outage) and csi-sanity for filesystem and for block volumes. In the QEMU node VM (stock
-# kernel with the rbd module): the krbd path, with Ceph on an address of a private network
-# namespace that the guest reaches through QEMU's NAT (the kernel client refuses loopback).
-# About 3-4 minutes.
+# outage), the kill -9 campaign (chaos_rbd) and csi-sanity for filesystem and for block
+# volumes. In the QEMU node VM (stock kernel with the rbd module): the krbd path, with Ceph on
+# an address of a private network namespace that the guest reaches through QEMU's NAT (the
+# kernel client refuses loopback). About 4-5 minutes.
 set -uo pipefail
 root=${STOWAGE_ROOT:?}
 infra=$root/tests/infra
@@ -66,6 +66,12 @@ export STOWAGE_CEPH_ENV=$work/ceph/env STOWAGE_REQUIRE_RBD=1 STOWAGE_CEPH_SH=$in
 log=$work/cargo.log
 # One test at a time: the outage test stops the only OSD.
 cargo test -p stowage-tests --locked --test rbd --test rbd_outage --test rbd_secrets -- --test-threads 1 2>&1 | tee "$log"
+count "$log" "${PIPESTATUS[0]}"
+
+# R2 on RBD: controller and node SIGKILLed at random points (tests/it/chaos.rs; the suite
+# 10-cargo leaves this one out, having no cluster).
+log=$work/chaos.log
+cargo test -p stowage-tests --locked --test chaos -- --nocapture chaos_rbd 2>&1 | tee "$log"
 count "$log" "${PIPESTATUS[0]}"
 
 for mode in "" --block; do
