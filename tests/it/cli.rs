@@ -540,6 +540,36 @@ async fn import_version_completions_man() -> Result<()> {
             spec.persistent_volume_reclaim_policy.as_deref() == Some("Retain"),
             "{pv:?}"
         );
+        // Not on a terminal (above): no escape codes. On one (a pseudo-terminal from
+        // util-linux `script`): a progress bar over the volumes, and the report lines too.
+        ensure!(!t.contains('\x1b'), "escape codes without a terminal: {t}");
+        for n in ["tty-a", "tty-b", "tty-c"] {
+            c.controller
+                .create_volume(stowage_tests::wire::create(n, 1 << 20))
+                .await?;
+        }
+        let tty_class = w.class_name("imported-tty");
+        // The command line reaches the shell of `script -c` through the environment only.
+        let o = Command::new("script")
+            .args(["-qefc", r#"exec "$BIN" import --csi-endpoint "$EP" --storage-class "$SC" default/tty-a default/tty-b default/tty-c"#, "/dev/null"])
+            .env("BIN", bin("stowage")?)
+            .env("EP", &ep)
+            .env("SC", &tty_class)
+            .env("KUBECONFIG", &w.cluster.admin_kubeconfig)
+            .env("COLUMNS", "120")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("running stowage import under script(1)")?;
+        let t = text(&o);
+        ensure!(o.status.success(), "{t}");
+        ensure!(
+            t.matches("created PV stowage-default-tty-").count() == 3,
+            "three report lines expected: {t}"
+        );
+        ensure!(
+            t.contains("importing") && t.contains('\x1b') && t.contains("/3"),
+            "no progress bar drawn on a terminal: {t:?}"
+        );
         // The old spelling still works and says it is deprecated.
         let o = Command::new(bin("stowage-provisioner")?)
             .args(["--csi-endpoint", &ep, "import"])
