@@ -564,6 +564,17 @@ async fn killed_mounter_is_healed_by_stats_publish_and_plugin_restart() {
     p.node.kill();
     kill9(before[0]);
     assert!(std::fs::read(target.join("data")).is_err());
+    // Once its cached attributes expire, even a stat of the dead staging path fails
+    // (ENOTCONN), as it does when a node pod restarts: the start-up pass must heal such a
+    // mount, not take it for a path that is gone (it once forgot the record then).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::fs::metadata(&staging).is_ok() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        std::fs::metadata(&staging).is_err(),
+        "the dead staging path still answers stat"
+    );
     p.restart_node().await;
     read_until_ok(&target.join("data"), b"survives", Duration::from_secs(30)).unwrap();
     read_until_ok(&target2.join("data"), b"survives", Duration::from_secs(5)).unwrap();

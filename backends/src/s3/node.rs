@@ -148,7 +148,13 @@ impl S3Node {
             let Ok(Some(rec)) = read_record(&dir).await else {
                 continue;
             };
-            if tokio::fs::metadata(&rec.staging_path).await.is_err() {
+            // Only a path that is really gone is forgotten. A dead FUSE mount answers stat
+            // with ENOTCONN (or, cached a moment, with old attributes): that is the mount to
+            // heal, and forgetting its record would leave it dead for good (every mount of a
+            // node pod dies with its container, so this is the usual case after a restart).
+            if let Err(e) = tokio::fs::symlink_metadata(&rec.staging_path).await
+                && matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
+            {
                 tracing::info!(volume_id = %rec.volume_id, "staging path is gone; forgetting the mount");
                 let _ = tokio::fs::remove_dir_all(&dir).await;
                 continue;
