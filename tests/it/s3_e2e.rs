@@ -805,3 +805,206 @@ async fn clone_copies_every_object_server_side() {
     }
     assert!(!bucket_exists(&s3, &cb).await && !bucket_exists(&s3, &sb).await);
 }
+
+/// Runs NodeStageVolume and SIGKILLs the node plugin the moment a mount appears at `staging`:
+/// the mounter is up (in its own process group, so it survives), the plugin never answered.
+/// The window is at least the 20 ms `mounter::start` waits after the first live stat, plus
+/// the record's write; the watcher polls every millisecond.
+async fn stage_killed_once_mounted(p: &mut Pair, req: v1::NodeStageVolumeRequest, staging: &Path) {
+    let pid = p.node.child.id() as i32;
+    let s = staging.to_path_buf();
+    let watcher = std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !is_mounted(&s) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let pid = rustix::process::Pid::from_raw(pid).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+        true
+    });
+    let r = p.n.node_stage_volume(req).await;
+    assert!(
+        watcher.join().unwrap(),
+        "no mount appeared at {}",
+        staging.display()
+    );
+    assert!(r.is_err(), "NodeStage answered before the kill: {r:?}");
+    p.node.kill();
+    assert!(is_mounted(staging), "the mount did not outlive the plugin");
+    assert_eq!(
+        mounter_pids(staging).len(),
+        1,
+        "one mounter at {}",
+        staging.display()
+    );
+}
+
+/// A NodeStageVolume killed between its mounter's start and its answer (found by chaos_s3,
+/// seed 1796668349766657163 at 50 cycles): the orphaned mount once made every retry answer
+/// FAILED_PRECONDITION for ever. Now the retry succeeds, NodeUnstage cleans such a mount up, a
+/// crash of an older plugin (mount and mounter, no record) is recognised by the mounter's
+/// command line, and a mount that is not the volume's is still refused.
+#[tokio::test]
+async fn stage_killed_while_the_mounter_starts_is_retried_or_unstaged() {
+    let Some(env) = s3_env() else { return };
+    let bp = format!("{}-", unique("orph"));
+    let mut p = start(&env.endpoint, &format!("    bucketPrefix: {bp}\n")).await;
+    let s3 = env.client();
+    let mut vols = Vec::new();
+    for (name, mounter) in [("pvc-a", "rclone"), ("pvc-b", "rclone"), ("pvc-c", "s3fs")] {
+        vols.push(
+            p.c.controller
+                .create_volume(create_req(&env, name, 1 << 20, &[("mounter", mounter)]))
+                .await
+                .unwrap()
+                .into_inner()
+                .volume
+                .unwrap(),
+        );
+    }
+    let (a, b, c) = (&vols[0], &vols[1], &vols[2]);
+    let st_a = p.dir.path().join("st-a");
+    let st_b = p.dir.path().join("st-b");
+    let st_c = p.dir.path().join("st-c");
+    let st_x = p.dir.path().join("st-x");
+    let target = p.dir.path().join("pod/mount");
+
+    // 1. rclone, bucket mode (the chaos case): killed once mounted, plugin restarted.
+    stage_killed_once_mounted(&mut p, stage_req(&env, a, &st_a), &st_a).await;
+    p.restart_node().await;
+    // Another volume at that staging path: refused, the mount left alone.
+    let st =
+        p.n.node_stage_volume(stage_req(&env, b, &st_a))
+            .await
+            .unwrap_err();
+    assert!(
+        matches!(st.code(), Code::AlreadyExists | Code::FailedPrecondition),
+        "{st:?}"
+    );
+    assert!(is_mounted(&st_a));
+    // The CO's retry succeeds, and the volume works.
+    p.n.node_stage_volume(stage_req(&env, a, &st_a))
+        .await
+        .unwrap();
+    // Idempotent: a duplicate answers OK and starts nothing.
+    let pids = mounter_pids(&st_a);
+    p.n.node_stage_volume(stage_req(&env, a, &st_a))
+        .await
+        .unwrap();
+    assert_eq!(mounter_pids(&st_a), pids);
+    assert_eq!(pids.len(), 1, "{pids:?}");
+    p.n.node_publish_volume(publish_req(a, &st_a, &target, false))
+        .await
+        .unwrap();
+    std::fs::write(target.join("f"), b"after the crash").unwrap();
+    let bucket_a = &a.volume_context["bucket"];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while keys(&s3, bucket_a, "f").await.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(&s3, bucket_a, "f").await, b"after the crash");
+
+    // 2. Killed the same way, plugin restarted, then NodeUnstage without a retry (the CO gave
+    //    up on the pod): no mount, no mounter, no record left.
+    stage_killed_once_mounted(&mut p, stage_req(&env, b, &st_b), &st_b).await;
+    p.restart_node().await;
+    p.n.node_unstage_volume(v1::NodeUnstageVolumeRequest {
+        volume_id: b.volume_id.clone(),
+        staging_target_path: st_b.to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
+    assert!(!is_mounted(&st_b));
+    assert!(mounter_pids(&st_b).is_empty(), "{:?}", mounter_pids(&st_b));
+
+    // 3. s3fs, and the state an older plugin left (mount and mounter, credential files, no
+    //    record): the mounter's command line names this volume, its files and this path, so
+    //    the retry replaces it.
+    stage_killed_once_mounted(&mut p, stage_req(&env, c, &st_c), &st_c).await;
+    for d in std::fs::read_dir(&p.state).unwrap().flatten() {
+        let rec = d.path().join("record.json");
+        if std::fs::read_to_string(&rec).is_ok_and(|r| r.contains(&c.volume_id)) {
+            std::fs::remove_file(&rec).unwrap();
+        }
+    }
+    let old = mounter_pids(&st_c);
+    p.restart_node().await;
+    p.n.node_stage_volume(stage_req(&env, c, &st_c))
+        .await
+        .unwrap();
+    let new = mounter_pids(&st_c);
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert_ne!(new, old, "the old mounter was adopted without a record");
+    std::fs::write(st_c.join("g"), b"s3fs again").unwrap();
+    assert_eq!(
+        get(&s3, &c.volume_context["bucket"], "g").await,
+        b"s3fs again"
+    );
+
+    // 4. A mount that is not the volume's (no record, no mounter of it): still refused.
+    std::fs::create_dir_all(&st_x).unwrap();
+    let tmpfs = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "tmpfs"])
+        .arg(&st_x)
+        .status()
+        .unwrap();
+    assert!(tmpfs.success());
+    let st =
+        p.n.node_stage_volume(stage_req(&env, c, &st_x))
+            .await
+            .unwrap_err();
+    assert_eq!(st.code(), Code::FailedPrecondition, "{st:?}");
+    assert!(st.message().contains("not this volume's"), "{st:?}");
+    assert!(is_mounted(&st_x), "the foreign mount was touched");
+    assert!(
+        std::process::Command::new("umount")
+            .arg(&st_x)
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    // Credential files and records stay private.
+    for d in std::fs::read_dir(&p.state).unwrap().flatten() {
+        for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+            if f.file_type().unwrap().is_file() && f.file_name() != "mounter.log" {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = f.metadata().unwrap().permissions().mode() & 0o777;
+                assert_eq!(mode, 0o600, "{}", f.path().display());
+            }
+        }
+    }
+
+    p.n.node_unpublish_volume(v1::NodeUnpublishVolumeRequest {
+        volume_id: a.volume_id.clone(),
+        target_path: target.to_string_lossy().into(),
+    })
+    .await
+    .unwrap();
+    for (v, s) in [(a, &st_a), (c, &st_c)] {
+        p.n.node_unstage_volume(v1::NodeUnstageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: s.to_string_lossy().into(),
+        })
+        .await
+        .unwrap();
+        assert!(!is_mounted(s));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !mounter_pids(p.dir.path()).is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(mounter_pids(p.dir.path()).is_empty(), "a mounter was left");
+    for v in &vols {
+        p.c.controller
+            .delete_volume(v1::DeleteVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                secrets: env.secrets(),
+            })
+            .await
+            .unwrap();
+    }
+}

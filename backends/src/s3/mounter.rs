@@ -429,6 +429,33 @@ pub fn is_mounter_of(pid: u32, target: &Path) -> bool {
             .unwrap_or(false)
 }
 
+/// The pid of a running mounter started with exactly the command line [`start`] uses for
+/// `spec` at `target` with its files in `dir`. That command line names the volume's bucket
+/// and prefix, the staging path and the record directory (private to the plugin, one per
+/// staging path), so a match is this volume's mounter, started by this plugin, even without a
+/// recorded pid (the plugin died before it could write it).
+pub fn find(spec: &MountSpec, target: &Path, dir: &Path) -> Option<u32> {
+    let (argv, _) = command_line(spec, target, dir).ok()?;
+    let want: Vec<&[u8]> = argv.iter().map(|a| a.as_bytes()).collect();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmd
+            .strip_suffix(&[0])
+            .unwrap_or(&cmd)
+            .split(|b| *b == 0)
+            .collect();
+        if args == want && is_mounter_of(pid, target) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
 /// Stops a mounter that is still running after its mount went away: SIGTERM, then SIGKILL.
 pub async fn stop(pid: u32, target: &Path) {
     if !is_mounter_of(pid, target) {

@@ -1,9 +1,18 @@
 //! The S3 node: FUSE mounts that outlive the plugin and heal when their mounter dies.
 //!
-//! Staging starts the mounter (see [`super::mounter`]) at the staging path and writes a record
-//! (`<nodeStateDir>/<hash of staging path>/record.json`, the credential files beside it, all
-//! mode 0600 in a 0700 directory): the volume, how it was mounted, and where it is published.
-//! With that record the node can remount without the CO's help:
+//! Staging writes a record (`<nodeStateDir>/<hash of staging path>/record.json`, the credential
+//! files beside it, all mode 0600 in a 0700 directory) marked `starting`, then starts the
+//! mounter (see [`super::mounter`]) at the staging path and, once the mount is live, records
+//! its pid and clears the mark. The record comes first because the mounter outlives the
+//! plugin: a plugin killed in between must find a record of the mount it left, or no retry
+//! could tell that mount from somebody else's. A `starting` record is settled under the
+//! staging path's lock, by the start-up pass, a retried NodeStageVolume or NodeUnstageVolume:
+//! the mount is adopted when it is live and its mounter is this record's (found by its exact
+//! command line, see [`mounter::find`]), otherwise the mounter is stopped, the mount detached
+//! and the record dropped.
+//!
+//! The record says what was mounted, how, and where it is published. With it the node can
+//! remount without the CO's help:
 //! - when the plugin starts, every recorded mount whose mounter is gone (ENOTCONN) is remounted
 //!   and its publish targets are bound again;
 //! - NodePublishVolume and NodeGetVolumeStats check the mount first and heal it the same way.
@@ -65,6 +74,11 @@ struct Record {
     /// Recorded size from the volume context (fallback when the record on S3 is unreadable).
     capacity: u64,
     pid: u32,
+    /// Written before the mounter starts, cleared once it is live: a record still starting
+    /// belongs to a NodeStageVolume that never answered (the plugin died in it). Absent in
+    /// records of older plugins, which wrote them only after the mount.
+    #[serde(default)]
+    starting: bool,
     #[serde(default)]
     targets: BTreeMap<PathBuf, PublishedTarget>,
 }
@@ -148,6 +162,14 @@ impl S3Node {
             let Ok(Some(rec)) = read_record(&dir).await else {
                 continue;
             };
+            if rec.starting {
+                // No NodeStageVolume of this process runs here (it would hold the lock and
+                // finish its record before letting go): this is one a dead plugin left.
+                if let Err(e) = self.inner.settle_unfinished(rec, None).await {
+                    tracing::warn!(error = %e, "could not settle an unfinished S3 staging at start");
+                }
+                continue;
+            }
             // Only a path that is really gone is forgotten. A dead FUSE mount answers stat
             // with ENOTCONN (or, cached a moment, with old attributes): that is the mount to
             // heal, and forgetting its record would leave it dead for good (every mount of a
@@ -245,7 +267,7 @@ impl Inner {
             metrics::get()
                 .fuse_running
                 .get_or_create(&FUSE_S3)
-                .set(r.len() as i64);
+                .set(r.iter().filter(|r| !r.starting).count() as i64);
         }
     }
 
@@ -300,7 +322,76 @@ impl Inner {
         )
         .await?;
         rec.pid = pid;
+        rec.starting = false;
         self.save(rec).await
+    }
+
+    /// The pid of a record's running mounter: the recorded one if it still is, else one found
+    /// by its command line (a record still starting has none; a plugin killed while healing
+    /// leaves the old one).
+    fn mounter_pid(&self, rec: &Record) -> Option<u32> {
+        if mounter::is_mounter_of(rec.pid, &rec.staging_path) {
+            return Some(rec.pid);
+        }
+        mounter::find(
+            &rec.spec,
+            &rec.staging_path,
+            &self.dir_of(&rec.staging_path),
+        )
+    }
+
+    /// Settles a record left `starting` by a NodeStageVolume that never answered. Adopts the
+    /// mount (and returns the now finished record) when it is live, its mounter is this
+    /// record's and, if `want` is given, the record's settings are the requested ones.
+    /// Otherwise stops that mounter, detaches what it mounted and removes the record and its
+    /// files (`Ok(None)`: the caller may mount afresh). A live mount there without this
+    /// record's mounter is somebody else's: refused, left alone. The caller holds the lock.
+    async fn settle_unfinished(
+        &self,
+        mut rec: Record,
+        want: Option<&MountSpec>,
+    ) -> Result<Option<Record>> {
+        let staging = rec.staging_path.clone();
+        let pid = self.mounter_pid(&rec);
+        if let Some(pid) = pid
+            && want.is_none_or(|w| *w == rec.spec)
+            && Self::staged_alive(&rec).await?
+        {
+            // The same readiness test as `mounter::start`: still running a moment after its
+            // first answer (s3fs with a rejected key mounts, then exits).
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if mounter::is_mounter_of(pid, &staging) && Self::staged_alive(&rec).await? {
+                rec.pid = pid;
+                rec.starting = false;
+                self.save(&rec).await?;
+                tracing::info!(volume_id = %rec.volume_id, staging = %staging.display(), pid, "adopted the S3 mount of an unfinished NodeStageVolume");
+                return Ok(Some(rec));
+            }
+        }
+        if let Some(pid) = pid {
+            // Stopped before the unmount: a mounter still starting could mount after it.
+            mounter::stop(pid, &staging).await;
+        }
+        if let Some(m) = mount::mounted_at(&staging).await? {
+            let ours_dead = m.fs_type == format!("fuse.{}", rec.spec.kind.as_str())
+                && !matches!(mounter::probe_live(&staging).await, Probe::Alive);
+            if pid.is_none() && !ours_dead {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} already has a {} mount that is not this volume's",
+                    staging.display(),
+                    m.fs_type
+                )));
+            }
+            detach(&staging).await?;
+        }
+        let dir = self.dir_of(&staging);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("removing {}", dir.display()), e)),
+        }
+        tracing::info!(volume_id = %rec.volume_id, staging = %staging.display(), "undid an unfinished NodeStageVolume");
+        Ok(None)
     }
 
     /// Whether the staged FUSE mount is there and answering.
@@ -571,14 +662,24 @@ impl NodeBackend for S3Node {
         let inner = &self.inner;
         let _g = inner.locks.lock(&req.staging_path.to_string_lossy()).await;
         let dir = inner.dir_of(&req.staging_path);
-        if let Some(rec) = read_record(&dir).await? {
-            if rec.volume_id != req.volume_id {
-                return Err(Error::AlreadyExists(format!(
-                    "{} is the staging path of volume {}",
-                    req.staging_path.display(),
-                    rec.volume_id
-                )));
+        let mut found = read_record(&dir).await?;
+        if let Some(rec) = &found
+            && rec.volume_id != req.volume_id
+        {
+            return Err(Error::AlreadyExists(format!(
+                "{} is the staging path of volume {}",
+                req.staging_path.display(),
+                rec.volume_id
+            )));
+        }
+        if let Some(rec) = found.take_if(|r| r.starting) {
+            // A retry of a NodeStageVolume the plugin died in.
+            if inner.settle_unfinished(rec, Some(&spec)).await?.is_some() {
+                inner.count_running().await;
+                return Ok(());
             }
+        }
+        if let Some(rec) = found {
             if rec.spec == spec {
                 inner.ensure_live(rec).await?;
                 return Ok(());
@@ -596,12 +697,20 @@ impl NodeBackend for S3Node {
         }
         mount::ensure_dir(&req.staging_path).await?;
         if let Some(m) = mount::mounted_at(&req.staging_path).await? {
-            // Something we have no record of sits there: never mount on top of it.
-            return Err(Error::FailedPrecondition(format!(
-                "{} already has a {} mount that is not this volume's",
-                req.staging_path.display(),
-                m.fs_type
-            )));
+            // No record, but a mount. A plugin older than the `starting` record, killed in
+            // NodeStageVolume, left this volume's mounter: its command line names this
+            // volume, this path and this path's record directory. Replace it.
+            let Some(pid) = mounter::find(&spec, &req.staging_path, &dir) else {
+                // Something we have no record of sits there: never mount on top of it.
+                return Err(Error::FailedPrecondition(format!(
+                    "{} already has a {} mount that is not this volume's",
+                    req.staging_path.display(),
+                    m.fs_type
+                )));
+            };
+            tracing::warn!(volume_id = %req.volume_id, staging = %req.staging_path.display(), pid, "replacing this volume's unrecorded S3 mount");
+            mounter::stop(pid, &req.staging_path).await;
+            detach(&req.staging_path).await?;
         }
         // One listing first: wrong credentials, a missing bucket or an unreachable endpoint
         // give a clear error here instead of a mounter's log line.
@@ -633,8 +742,11 @@ impl NodeBackend for S3Node {
             spec,
             capacity,
             pid: 0,
+            starting: true,
             targets: BTreeMap::new(),
         };
+        // Before the mounter starts: it outlives this process (see the module comment).
+        inner.save(&rec).await?;
         if let Err(e) = inner.mount(&mut rec).await {
             let _ = tokio::fs::remove_dir_all(&dir).await;
             return Err(e);
@@ -649,15 +761,23 @@ impl NodeBackend for S3Node {
         let _g = inner.locks.lock(&staging_path.to_string_lossy()).await;
         let dir = inner.dir_of(staging_path);
         let rec = read_record(&dir).await?;
+        let pid = rec.as_ref().and_then(|r| inner.mounter_pid(r));
+        if let (Some(r), Some(pid)) = (&rec, pid)
+            && r.starting
+        {
+            // Its NodeStageVolume never answered: the mounter may still be starting and
+            // mount after the unmount below, so it is stopped first.
+            mounter::stop(pid, staging_path).await;
+        }
         mount::unmount(staging_path).await?;
-        if let Some(rec) = &rec {
+        if let Some(pid) = pid {
             // fusermount-style exit takes a moment; a mounter stuck on a dead endpoint is
             // stopped so it does not linger.
             let deadline = Instant::now() + Duration::from_secs(5);
-            while mounter::is_mounter_of(rec.pid, staging_path) && Instant::now() < deadline {
+            while mounter::is_mounter_of(pid, staging_path) && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            mounter::stop(rec.pid, staging_path).await;
+            mounter::stop(pid, staging_path).await;
         }
         match tokio::fs::remove_dir_all(&dir).await {
             Ok(()) => {}
@@ -692,6 +812,13 @@ impl NodeBackend for S3Node {
                 req.volume_id
             )));
         }
+        if rec.starting {
+            return Err(Error::FailedPrecondition(format!(
+                "staging of volume {} at {} did not finish; NodeStageVolume must be retried",
+                req.volume_id,
+                req.staging_path.display()
+            )));
+        }
         inner.ensure_live(rec.clone()).await?;
         mount::publish_bind(req).await?;
         rec = read_record(&dir).await?.unwrap_or(rec);
@@ -722,7 +849,9 @@ impl NodeBackend for S3Node {
 
     async fn stats(&self, volume_id: &str, path: &Path) -> Result<VolumeStats> {
         let inner = &self.inner;
-        let records = inner.records().await?;
+        let mut records = inner.records().await?;
+        // An unfinished staging is no staged volume: only NodeStageVolume settles it.
+        records.retain(|r| !r.starting);
         let Some(rec) = Inner::record_for_path(&records, volume_id, path).cloned() else {
             // Not staged by this node (or by a node without records): plain statvfs.
             return mount::path_stats(path).await;
@@ -733,8 +862,8 @@ impl NodeBackend for S3Node {
         let healed = {
             let _g = inner.locks.lock(&rec.staging_path.to_string_lossy()).await;
             match read_record(&inner.dir_of(&rec.staging_path)).await? {
-                Some(r) => inner.ensure_live(r).await,
-                None => Ok(false),
+                Some(r) if !r.starting => inner.ensure_live(r).await,
+                _ => Ok(false),
             }
         };
         let mut abnormal = match healed {
