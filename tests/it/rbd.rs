@@ -706,3 +706,71 @@ async fn doctor_probes_the_ceph_pool() {
         );
     }
 }
+
+/// R2 defect (chaos_rbd, seed 1796668271957277565): a DeleteVolume SIGKILLed inside
+/// `rbd_remove` leaves the image in the trash with source REMOVING (gone by name, its data and
+/// records in place). The retried DeleteVolume answered OK without touching it, and a new
+/// volume of the same name was created beside it; both now finish the removal first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_killed_inside_rbd_remove_is_finished_by_the_retry() {
+    let Some(mut r) = Rbd::start(0).await else {
+        return;
+    };
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let name = unique("halfrm");
+    let vol = r
+        .create(create_req(&name, 64 * MIB, cap.clone()))
+        .await
+        .unwrap();
+    let image = vol.volume_context["imageName"].clone();
+    // Data the removal must give back.
+    r.rbd(&[
+        "bench",
+        "--io-type",
+        "write",
+        "--io-size",
+        "1M",
+        "--io-total",
+        "8M",
+        &image,
+    ])
+    .unwrap();
+    let id = r.half_remove(&image);
+    let data = |r: &Rbd| {
+        String::from_utf8_lossy(&r.rados(&["ls"], None).unwrap())
+            .lines()
+            .filter(|o| o.starts_with(&format!("rbd_data.{id}.")))
+            .count()
+    };
+    assert!(data(&r) > 0, "no data objects of {id} before the retry");
+
+    // The retried DeleteVolume: OK only once nothing of the image is left.
+    r.delete(&vol.volume_id).await.unwrap();
+    assert!(!r.images().contains(&image), "{:?}", r.images());
+    assert_eq!(r.image_left(&id), None);
+    assert_eq!(data(&r), 0, "data objects of {id} left");
+    r.delete(&vol.volume_id).await.unwrap();
+
+    // CreateVolume of the same name after a half removal: the old image does not stay
+    // beside the new one.
+    let vol = r
+        .create(create_req(&name, 64 * MIB, cap.clone()))
+        .await
+        .unwrap();
+    let old = r.half_remove(&image);
+    let again = r
+        .create(create_req(&name, 64 * MIB, cap.clone()))
+        .await
+        .unwrap();
+    assert_eq!(again.volume_id, vol.volume_id);
+    assert_eq!(r.image_left(&old), None);
+    assert_ne!(r.image_id(&image), old, "not a new image");
+    assert_eq!(
+        r.images().iter().filter(|i| **i == image).count(),
+        1,
+        "{:?}",
+        r.images()
+    );
+    r.delete(&again.volume_id).await.unwrap();
+    assert!(!r.images().contains(&image));
+}

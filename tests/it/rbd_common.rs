@@ -146,6 +146,96 @@ impl Rbd {
         }
     }
 
+    /// `rados -p rbd ...` against the test cluster; stdout on success. `stdin`: fed to it.
+    pub fn rados(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<Vec<u8>, String> {
+        use std::io::Write;
+        let mut child = Command::new("rados")
+            .args(["-c", &self.env["CEPH_CONF"], "-p", "rbd"])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let mut input = child.stdin.take().unwrap();
+        input.write_all(stdin.unwrap_or_default()).unwrap();
+        drop(input);
+        let o = child.wait_with_output().map_err(|e| e.to_string())?;
+        if o.status.success() {
+            Ok(o.stdout)
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    }
+
+    /// `ceph ...` against the test cluster; stdout on success.
+    pub fn ceph(&self, args: &[&str]) -> Result<String, String> {
+        let o = Command::new("ceph")
+            .args(["-c", &self.env["CEPH_CONF"], "--connect-timeout", "15"])
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if o.status.success() {
+            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&o.stderr).into_owned())
+        }
+    }
+
+    /// The image ID of `image` (`rbd info`).
+    pub fn image_id(&self, image: &str) -> String {
+        let info = self.rbd(&["info", image]).unwrap();
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix("id: "))
+            .unwrap_or_else(|| panic!("no id in rbd info: {info}"))
+            .to_string()
+    }
+
+    /// Leaves `image` exactly as an `rbd_remove` SIGKILLed while deleting its objects does: in
+    /// the trash with source REMOVING and state REMOVING, header, metadata and data in place.
+    /// `rbd trash mv` makes a source USER entry; the two enum bytes of its encoded
+    /// cls::rbd::TrashImageSpec (v2: 6-byte header, source u8, name, two utime_t, state u8)
+    /// are then set as librbd's Image::remove and Trash::remove set them. (An `rbd rm` killed
+    /// in the middle of a 2 TiB image gave the same bytes on this Pacific cluster.) Returns
+    /// the image ID.
+    pub fn half_remove(&self, image: &str) -> String {
+        let id = self.image_id(image);
+        self.rbd(&["trash", "mv", image]).unwrap();
+        let key = format!("id_{id}");
+        let tmp = self.dir.path().join(format!("trash-{id}"));
+        self.rados(
+            &["getomapval", "rbd_trash", &key, tmp.to_str().unwrap()],
+            None,
+        )
+        .unwrap();
+        let mut spec = std::fs::read(&tmp).unwrap();
+        assert_eq!(
+            (spec[0], spec[6], spec[spec.len() - 1]),
+            (2, 0, 0),
+            "not a v2 TrashImageSpec of source USER, state NORMAL: {spec:?}"
+        );
+        spec[6] = 3; // RBD_TRASH_IMAGE_SOURCE_REMOVING
+        *spec.last_mut().unwrap() = 2; // TRASH_IMAGE_STATE_REMOVING
+        self.rados(&["setomapval", "rbd_trash", &key], Some(&spec))
+            .unwrap();
+        // What the killed delete left: gone by name, still listed, hidden from the trash list.
+        assert!(self.rbd(&["info", image]).is_err());
+        assert!(self.images().contains(&image.to_string()));
+        assert!(!self.trash().contains(&id), "{}", self.trash());
+        id
+    }
+
+    /// Whether anything of image `id` is left on the cluster: trash entry or header object.
+    pub fn image_left(&self, id: &str) -> Option<String> {
+        let keys = self.rados(&["listomapkeys", "rbd_trash"], None).unwrap();
+        if String::from_utf8_lossy(&keys).contains(id) {
+            return Some(format!("trash entry id_{id}"));
+        }
+        self.rados(&["stat", &format!("rbd_header.{id}")], None)
+            .ok()
+            .map(|_| format!("object rbd_header.{id}"))
+    }
+
     pub fn images(&self) -> Vec<String> {
         self.rbd(&["ls"])
             .unwrap()

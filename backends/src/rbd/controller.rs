@@ -404,9 +404,54 @@ impl RbdController {
     fn retire_image(pool: &ffi::Pool, image: &str, prefix: &str) -> Result<()> {
         match pool.open(image) {
             Ok(img) => Self::retire_open(pool, image, img, prefix),
-            Err(e) if is(&e, libc::ENOENT) => Ok(()),
+            Err(e) if is(&e, libc::ENOENT) => {
+                Self::finish_interrupted_removal(pool, image, prefix).map(|_| ())
+            }
             Err(e) => Err(ceph_err(e, "opening")),
         }
+    }
+
+    /// Finishes a removal of `image` that a killed client left half done; true when there was
+    /// one. Call it when opening the image by name gave ENOENT.
+    ///
+    /// librbd's `rbd_remove` first moves the image to the trash with source REMOVING (its name
+    /// leaves the directory, so `rbd_open` by name answers ENOENT), then deletes the data
+    /// objects and the header. A process killed in between leaves the whole image, its data
+    /// and its metadata records in a trash entry that `rbd_trash_list` does not even show:
+    /// answering "already gone" would never give the space back. `rbd_remove` of the same
+    /// name resumes exactly such an entry (it looks for a trash entry of that name with source
+    /// REMOVING) and answers ENOENT when there is none, so it is both the check and the fix.
+    fn finish_interrupted_removal(pool: &ffi::Pool, image: &str, prefix: &str) -> Result<bool> {
+        match pool.remove_image(image) {
+            Ok(()) => {}
+            Err(e) if is(&e, libc::ENOENT) => return Ok(false),
+            Err(e) if is(&e, libc::EBUSY) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "image {image} is half removed and still open by a client (a killed client's watch expires after osd_client_watch_timeout, 30 s by default): retry"
+                )));
+            }
+            Err(e) => return Err(ceph_err(e, "finishing the interrupted removal of")),
+        }
+        tracing::warn!(
+            image,
+            "finished removing an image that an interrupted removal left in the trash"
+        );
+        // Its parent link went with the header, so a `deleted-` parent kept only for this
+        // clone cannot be named: give every deleted image the check its last clone's removal
+        // would have made (each is purged only when nothing depends on it).
+        match pool.list_images() {
+            Ok(images) => {
+                for (id, name) in images {
+                    if name == deleted_name(prefix, &id) {
+                        purge_if_unused(pool, &id, prefix);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list images to purge unused deleted ones")
+            }
+        }
+        Ok(true)
     }
 
     /// [`Self::retire_image`] for an image the caller already opened (one open fewer).
@@ -688,7 +733,11 @@ impl ControllerBackend for RbdController {
                         Self::retire_image(p, &v.image, &prefix)?;
                     }
                 },
-                Err(e) if is(&e, libc::ENOENT) => {}
+                // A half-removed image of an earlier volume with this name would otherwise
+                // stay in the trash for ever, beside the new image of the same name.
+                Err(e) if is(&e, libc::ENOENT) => {
+                    Self::finish_interrupted_removal(p, &v.image, &prefix)?;
+                }
                 Err(e) => return Err(ceph_err(e, "opening")),
             }
             let made = (|| -> Result<()> {
@@ -813,7 +862,11 @@ impl ControllerBackend for RbdController {
             let p = &pool.pool;
             let img = match p.open(&v.image) {
                 Ok(i) => i,
-                Err(e) if is(&e, libc::ENOENT) => return Ok(()),
+                // Gone, or half removed by a delete killed inside rbd_remove (its publish
+                // records were checked before that removal began): finish it first.
+                Err(e) if is(&e, libc::ENOENT) => {
+                    return Self::finish_interrupted_removal(p, &v.image, &prefix).map(|_| ());
+                }
                 Err(e) => return Err(ceph_err(e, "opening")),
             };
             if let Some((_, a)) = attachments(&img)?.first() {
