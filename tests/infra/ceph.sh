@@ -106,6 +106,18 @@ while True:
 PY
 }
 
+# Test-cluster timing, in the monitors' config database (clients built with their own
+# settings, like Stowage's librados connections, still fetch it at connect; a healthy cluster
+# gets it too, so start stays idempotent). A client killed inside a librbd call keeps its
+# watch on the image header until osd_client_watch_timeout (30 s by default): retried calls
+# after kill -9 wait that long (removing a half-made image, a fenced NodeStage). 10 s here;
+# librados pings its watches every objecter_tick_interval (5 s by default), lowered to 2 s so
+# that a live client's watch never misses the shorter timeout.
+tunables() {
+    ceph_ config set osd osd_client_watch_timeout 10 >/dev/null &&
+        ceph_ config set global objecter_tick_interval 2 >/dev/null
+}
+
 osd_up() { ceph_ osd stat -f json 2>/dev/null | grep -q '"num_up_osds":1'; }
 rgw_ok() { curl -fsS -m 3 "http://$ADDR:$RGW_PORT/" >/dev/null 2>&1; }
 
@@ -365,6 +377,7 @@ do_start() {
         sed -i "s|^\(    rgw frontends = beast endpoint=\).*|\1$ADDR:$RGW_PORT|" "$CONF"
     fi
     if healthy; then
+        tunables || die "setting the test tunables failed"
         write_env
         say "already running"
         return 0
@@ -389,6 +402,7 @@ do_start() {
 
     start_daemon mon.a "$RUN/mon.a.pid" ceph-mon -c "$CONF" -i a
     wait_for 60 "mon quorum" ceph_ mon stat
+    tunables || die "setting the test tunables failed"
     if [ "$new" = 1 ]; then
         ceph_ osd set-require-min-compat-client mimic >/dev/null 2>&1 || say "warning: set-require-min-compat-client failed"
     fi

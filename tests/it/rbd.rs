@@ -774,3 +774,115 @@ async fn delete_killed_inside_rbd_remove_is_finished_by_the_retry() {
     r.delete(&again.volume_id).await.unwrap();
     assert!(!r.images().contains(&image));
 }
+
+/// R2 defect (chaos_rbd, seed 1796668162261325215): a client killed while it holds an image's
+/// exclusive lock (the controller writes its records with the lock) leaves the lock on the
+/// header for ever. NodeStage refused such a volume on every retry; now a lock owner counts
+/// only while it still watches the image: refused while the client lives (or while the OSD
+/// still keeps a dead client's watch), staged once the watch expired, the dead owner's lock
+/// broken and the owner blocklisted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_clients_exclusive_lock_does_not_block_stage_a_live_ones_does() {
+    let Some(mut r) = Rbd::start(1).await else {
+        return;
+    };
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let vol = r
+        .create(create_req(&unique("deadlock"), 64 * MIB, cap.clone()))
+        .await
+        .unwrap();
+    let image = vol.volume_context["imageName"].clone();
+    // A separate client that takes the exclusive lock and keeps writing.
+    let mut bench = std::process::Command::new("rbd")
+        .args(["-c", &r.env["CEPH_CONF"], "-p", "rbd", "bench"])
+        .args(["--io-type", "write", "--io-size", "4K", "--io-threads", "1"])
+        .args(["--io-total", "100G", "--io-pattern", "rand", &image])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let owner = loop {
+        let ls = r.rbd(&["lock", "ls", &image]).unwrap();
+        if let Some(l) = ls.lines().find(|l| l.contains(" auto ")) {
+            break l.split_whitespace().last().unwrap().to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rbd bench took no lock"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+
+    // Alive (watching and holding the lock): the single-node fence refuses.
+    let e = r.stage(0, &vol, "s", cap.clone()).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains("in use elsewhere") && e.message().contains(&owner),
+        "{e:?}"
+    );
+
+    // SIGKILL: the lock stays on the header; the watch until the OSD's timeout.
+    bench.kill().unwrap();
+    bench.wait().unwrap();
+    let killed = std::time::Instant::now();
+    assert!(r.rbd(&["lock", "ls", &image]).unwrap().contains(&owner));
+    let timeout: u64 = r
+        .ceph(&["config", "get", "osd", "osd_client_watch_timeout"])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let bound = std::time::Duration::from_secs(timeout + 30);
+    let mut refused = 0;
+    loop {
+        match r.stage(0, &vol, "s", cap.clone()).await {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+                // Refused only while the dead client's watch is still there.
+                let watching = r.rbd(&["status", &image]).unwrap().contains(&owner);
+                assert!(
+                    watching || killed.elapsed() < std::time::Duration::from_secs(timeout + 5),
+                    "refused {:.1}s after the kill with no watch of {owner} left: {e:?}",
+                    killed.elapsed().as_secs_f64()
+                );
+                assert!(
+                    killed.elapsed() < bound,
+                    "NodeStage still refused {bound:?} after the lock owner was killed: {e:?}"
+                );
+                refused += 1;
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
+    println!(
+        "staged {:.1}s after the lock owner's SIGKILL (osd_client_watch_timeout {timeout}s, {refused} refusals)",
+        killed.elapsed().as_secs_f64()
+    );
+    assert!(
+        !r.rbd(&["lock", "ls", &image]).unwrap().contains(&owner),
+        "the dead owner's lock is still there"
+    );
+    let bl = r.ceph(&["osd", "blocklist", "ls"]).unwrap();
+    assert!(bl.contains(&owner), "dead owner not blocklisted: {bl}");
+    // The node's client writes (taking the lock itself) and reads its bytes back.
+    {
+        use std::io::{Read, Seek, Write};
+        let mut dev = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(r.path("s/staging/device"))
+            .unwrap();
+        dev.write_all(&[0x5a; 4096]).unwrap();
+        dev.sync_all().unwrap();
+        let mut back = [0u8; 4096];
+        dev.seek(std::io::SeekFrom::Start(0)).unwrap();
+        dev.read_exact(&mut back).unwrap();
+        assert_eq!(back, [0x5a; 4096]);
+    }
+    let ls = r.rbd(&["lock", "ls", &image]).unwrap();
+    assert!(ls.contains(" auto ") && !ls.contains(&owner), "{ls}");
+    r.unstage(0, &vol.volume_id, "s").await.unwrap();
+    r.delete(&vol.volume_id).await.unwrap();
+}

@@ -78,6 +78,16 @@ struct rbd_trash_image_info_t {
 }
 
 #[repr(C)]
+struct rbd_image_watcher_t {
+    addr: *mut c_char,
+    id: i64,
+    cookie: u64,
+}
+
+/// RBD_LOCK_MODE_EXCLUSIVE (rbd_lock_mode_t in librbd.h).
+const LOCK_MODE_EXCLUSIVE: c_int = 0;
+
+#[repr(C)]
 #[derive(Default)]
 struct rados_cluster_stat_t {
     kb: u64,
@@ -255,6 +265,9 @@ api! {
     rbd: rbd_metadata_list(rbd_image_t, *const c_char, u64, *mut c_char, *mut usize, *mut c_char, *mut usize) -> c_int;
     rbd: rbd_lock_get_owners(rbd_image_t, *mut c_int, *mut *mut c_char, *mut usize) -> c_int;
     rbd: rbd_lock_get_owners_cleanup(*mut *mut c_char, usize) -> ();
+    rbd: rbd_lock_break(rbd_image_t, c_int, *const c_char) -> c_int;
+    rbd: rbd_watchers_list(rbd_image_t, *mut rbd_image_watcher_t, *mut usize) -> c_int;
+    rbd: rbd_watchers_list_cleanup(*mut rbd_image_watcher_t, usize) -> ();
 }
 
 static API: OnceLock<CephResult<Api>> = OnceLock::new();
@@ -985,7 +998,48 @@ impl Image {
         }
     }
 
-    /// Who holds the exclusive lock (e.g. "client.4171"), if anyone.
+    /// Addresses of the clients watching the image header (e.g. "127.0.0.1:0/816197711"),
+    /// in the form [`Self::lock_owners`] gives: every client that has the image open, our
+    /// own handle included. A client that died keeps its watch until the OSD's
+    /// `osd_client_watch_timeout` expires.
+    pub fn watchers(&self) -> CephResult<Vec<String>> {
+        let a = api()?;
+        let mut cap: usize = 16;
+        loop {
+            let mut buf: Vec<rbd_image_watcher_t> = Vec::with_capacity(cap);
+            let mut n = cap;
+            // SAFETY: buf has room for `n` entries; on ERANGE librbd writes none and sets n.
+            let rc = unsafe { (a.rbd_watchers_list)(self.h, buf.as_mut_ptr(), &mut n) };
+            if rc == -libc::ERANGE {
+                cap = n.max(cap * 2);
+                continue;
+            }
+            check("rbd_watchers_list", &self.name, rc)?;
+            // SAFETY: librbd filled `n` entries.
+            unsafe { buf.set_len(n) };
+            // SAFETY: valid strings until cleanup.
+            let out = buf.iter().map(|w| unsafe { owned(w.addr) }).collect();
+            // SAFETY: frees the strings librbd allocated.
+            unsafe { (a.rbd_watchers_list_cleanup)(buf.as_mut_ptr(), n) };
+            return Ok(out);
+        }
+    }
+
+    /// Breaks the exclusive lock of `owner` (an address from [`Self::lock_owners`]). librbd
+    /// blocklists the owner first (`rbd_blocklist_on_break_lock`, on by default), as `rbd lock
+    /// rm` does, so a client that was only cut off cannot write after its lock is gone.
+    /// EBUSY: the lock has another owner by now; ENOENT: no lock any more.
+    pub fn lock_break(&self, owner: &str) -> CephResult<()> {
+        let a = api()?;
+        let o = cstr(owner)?;
+        // SAFETY: open image, the owner string outlives the call.
+        check("rbd_lock_break", &self.name, unsafe {
+            (a.rbd_lock_break)(self.h, LOCK_MODE_EXCLUSIVE, o.as_ptr())
+        })
+        .map(|_| ())
+    }
+
+    /// Who holds the exclusive lock (its client address, e.g. "127.0.0.1:0/816197711").
     pub fn lock_owners(&self) -> CephResult<Vec<String>> {
         let a = api()?;
         let mut mode: c_int = 0;

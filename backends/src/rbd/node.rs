@@ -541,16 +541,10 @@ impl NodeBackend for RbdNode {
                             ceph_err(e, "opening")
                         }
                     })?;
-                    let owners = img
-                        .lock_owners()
-                        .map_err(|e| ceph_err(e, "reading lock of"))?;
-                    if !owners.is_empty() && !multi {
-                        return Err(Error::FailedPrecondition(format!(
-                            "volume {vid} is in use elsewhere: its exclusive lock is held by {}",
-                            owners.join(", ")
-                        )));
+                    if multi {
+                        return Ok(());
                     }
-                    Ok(())
+                    fence(&img, &vid)
                 })
                 .await?;
                 if let Some(half) = other {
@@ -715,4 +709,56 @@ impl std::fmt::Debug for RbdNode {
             .field("instances", &self.instances.keys().collect::<Vec<_>>())
             .finish()
     }
+}
+
+/// The single-node fence of NodeStage: refuses an image whose exclusive lock a live client
+/// holds (another node has it attached and writes), breaks the lock of a dead one.
+///
+/// A lock owner counts as alive only while it still watches the image header: librbd opens
+/// the header watch before it takes the lock, and a killed client (a controller SIGKILLed
+/// while writing a metadata record, which takes the lock) keeps its lock on the header for
+/// ever but loses its watch after the OSD's `osd_client_watch_timeout`. That is the test
+/// librbd itself makes before it breaks a lock. Breaking it (with the owner blocklisted)
+/// rather than ignoring it: a client that was only cut off from the cluster cannot come back
+/// and write beside this node, and the next stage does not ask again.
+fn fence(img: &super::ffi::Image, vid: &str) -> Result<()> {
+    // A few rounds: the lock may change hands between reading it and breaking it.
+    for _ in 0..3 {
+        let owners = img
+            .lock_owners()
+            .map_err(|e| ceph_err(e, "reading lock of"))?;
+        if owners.is_empty() {
+            return Ok(());
+        }
+        let watchers = img
+            .watchers()
+            .map_err(|e| ceph_err(e, "listing watchers of"))?;
+        let (live, dead): (Vec<String>, Vec<String>) =
+            owners.into_iter().partition(|o| watchers.contains(o));
+        if !live.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {vid} is in use elsewhere: its exclusive lock is held by {}",
+                live.join(", ")
+            )));
+        }
+        for owner in dead {
+            match img.lock_break(&owner) {
+                Ok(()) => tracing::warn!(
+                    volume_id = vid,
+                    owner,
+                    "broke the exclusive lock of a client that no longer watches the image (dead); it is blocklisted"
+                ),
+                // Gone or taken by someone else meanwhile: the next round looks again.
+                Err(e) if e.is(libc::ENOENT) || e.is(libc::EBUSY) => {}
+                Err(e) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {vid}: its exclusive lock is held by {owner}, a client that no longer watches the image (dead), and breaking that lock failed: {e} (the cephx user needs the mon caps of `profile rbd` to blocklist it)"
+                    )));
+                }
+            }
+        }
+    }
+    Err(Error::Unavailable(format!(
+        "volume {vid}: its exclusive lock kept changing hands while NodeStage checked it; retry"
+    )))
 }
