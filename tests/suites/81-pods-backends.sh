@@ -457,9 +457,11 @@ s_rbd_move() {
 }
 
 # --- the node plugin killed under a pod writing on a FUSE volume -----------------------------
-# counter_pod NAME CLAIM RESTART: appends 1, 2, 3, ... to /data/log five times a second, going
-# on after the last number there (a restarted container resumes); a failed append ends the
-# container (with RESTART=Always kubelet starts it again).
+# counter_pod NAME CLAIM RESTART: appends 1, 2, 3, ... to /data/log five times a second, each
+# append fsynced by dd (a shell's `>>` ignores close errors, which is where FUSE mounters such
+# as s3fs report a failed upload), going on after the last number there (a restarted container
+# resumes); a failed append ends the container (with RESTART=Always kubelet starts it again).
+# So the file must read 1..N: a gap is an acknowledged append lost.
 counter_pod() {
   cat <<EOF | k -n "$ns" apply -f - >/dev/null
 apiVersion: v1
@@ -473,7 +475,7 @@ $(node_selector "  ")
   - name: c
     image: $busybox
     imagePullPolicy: Never
-    command: ["/bin/sh", "-c", $(json_str 'i=$(tail -n 1 /data/log 2>/dev/null); i=${i:-0}; while :; do i=$((i+1)); echo $i >> /data/log || exit 1; sleep 0.2; done')]
+    command: ["/bin/sh", "-c", $(json_str 'i=$(tail -n 1 /data/log 2>/dev/null); i=${i:-0}; while :; do i=$((i+1)); echo $i | dd of=/data/log oflag=append conv=notrunc,fsync 2>/dev/null || exit 1; sleep 0.2; done')]
     volumeMounts: [{name: d, mountPath: /data}]
   volumes:
   - name: d

@@ -567,7 +567,9 @@ k -n default delete pvc helm-after-multi --wait=false >/dev/null 2>&1
 # propagation). The new stowage-node heals at start: it mounts the bucket again on the staging
 # path and binds the pod's target again. The pod's running container still holds its copy of
 # the dead mount (container mounts are private), so its next append fails, the container exits
-# and kubelet starts it again on the healed mount, where it goes on after its last line.
+# and kubelet starts it again on the healed mount, where it goes on after its last line. Each
+# append is fsynced by dd (s3fs uploads then; a shell's `>>` would ignore the close error of a
+# failed upload), so a gap in the object is an acknowledged append lost.
 s3_get() { # bucket key: the object from the gateway (SigV4)
   curl -fsS --max-time 30 --aws-sigv4 "aws:amz:${S3_REGION:-us-east-1}:s3" --user "$S3_ACCESS_KEY:$S3_SECRET_KEY" \
     -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" "$S3_ENDPOINT/$1/$2"
@@ -597,7 +599,7 @@ spec:
   - name: c
     image: $image
     imagePullPolicy: Never
-    command: ["/bin/sh", "-c", 'i=\$(tail -n 1 /data/log 2>/dev/null); i=\${i:-0}; while :; do i=\$((i+1)); echo \$i >> /data/log || exit 1; sleep 0.2; done']
+    command: ["/bin/sh", "-c", 'i=\$(tail -n 1 /data/log 2>/dev/null); i=\${i:-0}; while :; do i=\$((i+1)); echo \$i | dd of=/data/log oflag=append conv=notrunc,fsync 2>/dev/null || exit 1; sleep 0.2; done']
     volumeMounts: [{name: d, mountPath: /data}]
   volumes: [{name: d, persistentVolumeClaim: {claimName: helm-s3}}]
 EOF
