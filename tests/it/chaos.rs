@@ -1542,23 +1542,7 @@ fn loops_below(prefix: &Path) -> Vec<(String, PathBuf)> {
 /// the S3 mounter's staging directory below `staging`.
 fn mounters(roots: &[PathBuf], staging: &Path) -> Vec<(u32, String, String)> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        // Empty for a zombie: an exited mounter waiting for its parent is gone.
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let prog = args
-            .first()
-            .map(|a| a.rsplit('/').next().unwrap_or_default().to_string())
-            .unwrap_or_default();
+    for stowage_tests::Process { pid, args, prog } in stowage_tests::processes() {
         if !matches!(prog.as_str(), "rclone" | "s3fs" | "rbd-fuse")
             || !args
                 .iter()

@@ -237,25 +237,10 @@ pub fn dir_of(vol: &v1::Volume) -> String {
 /// PID of the glusterfs FUSE client serving the mount at `mountpoint`.
 pub fn fuse_pid(mountpoint: &Path) -> Option<i32> {
     let want = mountpoint.to_string_lossy();
-    for e in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|b| *b == 0)
-            .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if args.first().is_some_and(|a| a.ends_with("glusterfs"))
-            && args.last().is_some_and(|a| *a == want)
-        {
-            return Some(pid);
-        }
-    }
-    None
+    stowage_tests::processes()
+        .into_iter()
+        .find(|p| p.prog == "glusterfs" && p.args.last().is_some_and(|a| *a == want))
+        .map(|p| p.pid as i32)
 }
 
 pub fn kill9(pid: i32) {

@@ -204,28 +204,14 @@ impl Drop for Pair {
 /// Pids of mounter processes whose command line names a path under `base`.
 pub fn mounter_pids(base: &Path) -> Vec<u32> {
     let want = base.to_string_lossy().to_string();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmd
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).to_string())
-            .collect();
-        let prog = args
-            .first()
-            .map(|a| a.rsplit('/').next().unwrap_or("").to_string());
-        if matches!(prog.as_deref(), Some("s3fs" | "rclone"))
-            && args.iter().any(|a| a.starts_with(&want))
-        {
-            out.push(pid);
-        }
-    }
-    out
+    stowage_tests::processes()
+        .into_iter()
+        .filter(|p| {
+            matches!(p.prog.as_str(), "s3fs" | "rclone")
+                && p.args.iter().any(|a| a.starts_with(&want))
+        })
+        .map(|p| p.pid)
+        .collect()
 }
 
 pub fn cap(mode: Mode) -> v1::VolumeCapability {

@@ -134,14 +134,15 @@ node_selector() { [ -z "${pod_node:-}" ] || printf '%snodeSelector: {kubernetes.
 bound() { [ "$(k -n "$ns" get pvc "$1" -o 'jsonpath={.status.phase}')" = Bound ]; }
 json_str() { printf '%s' "$1" | python3 -c 'import json,sys; print(json.dumps(sys.stdin.read()))'; }
 # pod NAME CLAIM SCRIPT [readOnly] : a busybox pod with the claim at /data (on node $pod_node
-# when that is set: the scheduler still checks the pod's volumes).
+# when that is set: the scheduler still checks the pod's volumes); restartPolicy Never, or
+# $pod_restart when set.
 pod() {
   cat <<EOF | k -n "$ns" apply -f - >/dev/null
 apiVersion: v1
 kind: Pod
 metadata: {name: $1}
 spec:
-  restartPolicy: Never
+  restartPolicy: ${pod_restart:-Never}
   terminationGracePeriodSeconds: 0
 $(node_selector "  ")
   containers:

@@ -350,6 +350,38 @@ pub mod wire {
     }
 }
 
+/// A process seen in /proc: its pid, its command line split at NULs (empty arguments
+/// dropped), and the program's file name.
+#[derive(Debug, Clone)]
+pub struct Process {
+    pub pid: u32,
+    pub args: Vec<String>,
+    pub prog: String,
+}
+
+/// Every process with a readable command line (a zombie's is empty: it is left out, an exited
+/// mounter waiting for its parent is gone for the tests' purposes).
+pub fn processes() -> Vec<Process> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmd
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let Some(first) = args.first() else { continue };
+        let prog = first.rsplit('/').next().unwrap_or_default().to_string();
+        out.push(Process { pid, args, prog });
+    }
+    out
+}
+
 pub mod metrics;
 pub mod provisioner;
 pub mod secrets;

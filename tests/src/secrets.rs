@@ -49,19 +49,11 @@ pub fn processes_exposing(pids: &[u32], needle: &[u8]) -> Vec<String> {
 /// Processes whose command line contains every one of `words` (a mount helper started for a
 /// test's directory, say).
 pub fn pids_with(words: &[&str]) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(cmd) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        if words.iter().all(|w| contains(&cmd, w.as_bytes())) {
-            out.push(pid);
-        }
-    }
-    out
+    crate::processes()
+        .into_iter()
+        .filter(|p| words.iter().all(|w| p.args.iter().any(|a| a.contains(w))))
+        .map(|p| p.pid)
+        .collect()
 }
 
 /// Removes from this process's environment every variable (but `keep`) whose value is

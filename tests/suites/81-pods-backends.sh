@@ -463,24 +463,7 @@ s_rbd_move() {
 # resumes); a failed append ends the container (with RESTART=Always kubelet starts it again).
 # So the file must read 1..N: a gap is an acknowledged append lost.
 counter_pod() {
-  cat <<EOF | k -n "$ns" apply -f - >/dev/null
-apiVersion: v1
-kind: Pod
-metadata: {name: $1}
-spec:
-  restartPolicy: $3
-  terminationGracePeriodSeconds: 0
-$(node_selector "  ")
-  containers:
-  - name: c
-    image: $busybox
-    imagePullPolicy: Never
-    command: ["/bin/sh", "-c", $(json_str 'i=$(tail -n 1 /data/log 2>/dev/null); i=${i:-0}; while :; do i=$((i+1)); echo $i | dd of=/data/log oflag=append conv=notrunc,fsync 2>/dev/null || exit 1; sleep 0.2; done')]
-    volumeMounts: [{name: d, mountPath: /data}]
-  volumes:
-  - name: d
-    persistentVolumeClaim: {claimName: $2}
-EOF
+  pod_restart=$3 pod "$1" "$2" 'i=$(tail -n 1 /data/log 2>/dev/null); i=${i:-0}; while :; do i=$((i+1)); echo $i | dd of=/data/log oflag=append conv=notrunc,fsync 2>/dev/null || exit 1; sleep 0.2; done'
 }
 last_n() { k -n "$ns" exec "$1" -- tail -n 1 /data/log 2>/dev/null | tr -dc 0-9; }
 restarts() { k -n "$ns" get pod "$1" -o 'jsonpath={.status.containerStatuses[0].restartCount}' 2>/dev/null; }
@@ -501,6 +484,17 @@ helper_pids() {
     tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -qF -- "$2" && echo "$p"
   done
 }
+# counter_start CLAIM POD RESTART: a claim of class $sc, a counter pod writing on it; sets
+# staging (the volume's staging mount on node 1).
+counter_start() {
+  claim "$1" 64Mi
+  until_ok 60 bound "$1" || { why="claim $1 not Bound in 60 s"; return 1; }
+  counter_pod "$2" "$1" "$3"
+  wait_phase "$2" Running 120 || return 1
+  until_ok 60 grew_past "$2" 5 || { why="pod never wrote 5 lines"; return 1; }
+  staging=$(staging_of "$2")
+  [ -n "$staging" ] || { why="no staging mount found for $2"; return 1; }
+}
 # contiguous TEXT: the lines are 1, 2, ..., N (nothing lost in the middle, nothing twice).
 contiguous() { awk 'BEGIN {ok = 1} $0 != NR {ok = 0; exit} END {exit !(ok && NR > 0)}' <<<"$1"; }
 
@@ -512,13 +506,7 @@ contiguous() { awk 'BEGIN {ok = 1} $0 != NR {ok = 0; exit} END {exit !(ok && NR 
 s_node_kill_fuse() {
   local b=$1 helper=$3 c p pid staging hpids n0 n1 n2 t0 rec before log
   sc=$2; c=nk-$b; p=nk-$b-w
-  claim "$c" 64Mi
-  until_ok 60 bound "$c" || { why="claim $c not Bound in 60 s"; return 1; }
-  counter_pod "$p" "$c" Never
-  wait_phase "$p" Running 120 || return 1
-  until_ok 60 grew_past "$p" 5 || { why="pod never wrote 5 lines"; return 1; }
-  staging=$(staging_of "$p")
-  [ -n "$staging" ] || { why="no staging mount found for $p"; return 1; }
+  counter_start "$c" "$p" Never || return 1
   case $b in rbd) hpids=$(helper_pids rbd-fuse "$(handle_of "$c" | awk -F/ '{print $NF}')") ;; *) hpids=$(helper_pids "$helper" "$staging") ;; esac
   [ -n "$hpids" ] || { why="no $helper process found for $staging"; return 1; }
   before=$(reg_count "$b.stowage.io")
@@ -561,13 +549,7 @@ s_node_kill_fuse() {
 s_helper_kill_fuse() {
   local b=$1 helper=$3 c p pid staging hpids n0 t0 healed log handle nres
   sc=$2; c=hk-$b; p=hk-$b-w
-  claim "$c" 64Mi
-  until_ok 60 bound "$c" || { why="claim $c not Bound in 60 s"; return 1; }
-  counter_pod "$p" "$c" Always
-  wait_phase "$p" Running 120 || return 1
-  until_ok 60 grew_past "$p" 5 || { why="pod never wrote 5 lines"; return 1; }
-  staging=$(staging_of "$p")
-  [ -n "$staging" ] || { why="no staging mount found for $p"; return 1; }
+  counter_start "$c" "$p" Always || return 1
   hpids=$(helper_pids "$helper" "$staging")
   [ -n "$hpids" ] || { why="no $helper process found for $staging"; return 1; }
   pid=$(cat "$work/$b-node.pid")
