@@ -747,15 +747,8 @@ impl Harness {
                 continue;
             }
             if let Some(want) = &h.written {
-                match self.read_back(name) {
-                    Ok(got) if &got == want => {}
-                    Ok(got) => self.problem(
-                        "lost writes",
-                        when,
-                        format!("{name}: {} bytes read, other than written", got.len()),
-                    ),
-                    Err(e) => self.problem("lost writes", when, format!("{name}: {e}")),
-                }
+                let got = self.read_back(name);
+                self.judge_bytes(when, name, want, got);
             }
         }
     }

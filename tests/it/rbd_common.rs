@@ -134,16 +134,11 @@ impl Rbd {
 
     /// `rbd ...` against the test cluster; stdout on success.
     pub fn rbd(&self, args: &[&str]) -> Result<String, String> {
-        let o = Command::new("rbd")
-            .args(["-c", &self.env["CEPH_CONF"], "-p", "rbd"])
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if o.status.success() {
-            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&o.stderr).into_owned())
-        }
+        stdout_of(
+            Command::new("rbd")
+                .args(["-c", &self.env["CEPH_CONF"], "-p", "rbd"])
+                .args(args),
+        )
     }
 
     /// `rados -p rbd ...` against the test cluster; stdout on success. `stdin`: fed to it.
@@ -170,16 +165,11 @@ impl Rbd {
 
     /// `ceph ...` against the test cluster; stdout on success.
     pub fn ceph(&self, args: &[&str]) -> Result<String, String> {
-        let o = Command::new("ceph")
-            .args(["-c", &self.env["CEPH_CONF"], "--connect-timeout", "15"])
-            .args(args)
-            .output()
-            .map_err(|e| e.to_string())?;
-        if o.status.success() {
-            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&o.stderr).into_owned())
-        }
+        stdout_of(
+            Command::new("ceph")
+                .args(["-c", &self.env["CEPH_CONF"], "--connect-timeout", "15"])
+                .args(args),
+        )
     }
 
     /// The image ID of `image` (`rbd info`).
@@ -491,4 +481,14 @@ pub fn loops_below(root: &Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// Runs a Ceph CLI: its stdout on success, its stderr as the error.
+fn stdout_of(cmd: &mut Command) -> Result<String, String> {
+    let o = cmd.output().map_err(|e| e.to_string())?;
+    if o.status.success() {
+        Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).into_owned())
+    }
 }
